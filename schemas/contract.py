@@ -1,0 +1,365 @@
+"""The contract machinery: one definition per record, every other form derived.
+
+A record is declared once as a `RecordDef` (a list of `Field`s). From that
+single declaration this module derives
+
+* the Avro schema (`avro_schema`), used with fastavro for the input streams;
+* the pyarrow schema (`arrow_schema`), used for Parquet;
+* the BigQuery schema (`bigquery_schema`), a list of `SchemaField`s;
+* a validator (`validate`) that checks an in-memory record and raises
+  `SchemaError` naming the offending field path, e.g.
+  ``WearableUpload.samples[3].spo2: 140.0 is above the maximum 100``.
+
+In memory a record is a plain ``dict``; timestamps are timezone-aware
+``datetime`` objects in UTC (what fastavro returns for ``timestamp-micros``).
+JSON carries them as ISO-8601 strings; `from_json` converts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+STRING = "string"
+INT = "int"
+FLOAT = "float"
+BOOL = "bool"
+TIMESTAMP = "timestamp"
+RECORD = "record"
+
+_SCALAR_TYPES = (STRING, INT, FLOAT, BOOL, TIMESTAMP)
+
+
+class SchemaError(ValueError):
+    """A record does not fit its contract; `path` names the field."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One field of a record.
+
+    Attributes:
+      name: column / attribute name.
+      type: one of STRING, INT, FLOAT, BOOL, TIMESTAMP, RECORD.
+      nullable: the value may be None (Avro union with null, BigQuery NULLABLE).
+      repeated: the value is a list of `type` (Avro array, BigQuery REPEATED).
+        A repeated field is never null; an absent list is written as [].
+      fields: the nested fields when `type` is RECORD.
+      record_name: the Avro name of the nested record.
+      doc: what the field means, with its unit.
+      minimum, maximum: plausible range for numbers; out of range is invalid.
+      choices: allowed values for an enumerated string.
+      min_length: shortest allowed string (1 for identifiers: never empty).
+    """
+
+    name: str
+    type: str
+    nullable: bool = False
+    repeated: bool = False
+    fields: tuple["Field", ...] = ()
+    record_name: str | None = None
+    doc: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    min_length: int = 0
+
+    def __post_init__(self):
+        assert self.type in _SCALAR_TYPES + (RECORD,), f"unknown type {self.type!r}"
+        assert (self.type == RECORD) == bool(self.fields), f"{self.name}: RECORD needs fields"
+        assert not (self.repeated and self.nullable), f"{self.name}: repeated fields are never null"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordDef:
+    """A named record: an input message or an output table row.
+
+    Attributes:
+      name: the Avro record name and the table name's source.
+      fields: the columns, in order.
+      doc: what one record is.
+      partition_field: TIMESTAMP column a table is partitioned by (by day),
+        in BigQuery and as the Hive ``date=`` partition in Parquet.
+      cluster_fields: BigQuery clustering columns.
+    """
+
+    name: str
+    fields: tuple[Field, ...]
+    doc: str = ""
+    partition_field: str | None = None
+    cluster_fields: tuple[str, ...] = ()
+    namespace: str = "medtwin"
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} has no field {name!r}")
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+
+# ---------------------------------------------------------------- Avro
+
+
+def _avro_type(f: Field, namespace: str) -> Any:
+    if f.type == RECORD:
+        item = {
+            "type": "record",
+            "name": f.record_name or f.name.title().replace("_", ""),
+            "namespace": namespace,
+            "fields": [_avro_field(sub, namespace) for sub in f.fields],
+        }
+    elif f.type == TIMESTAMP:
+        item = {"type": "long", "logicalType": "timestamp-micros"}
+    else:
+        item = {STRING: "string", INT: "long", FLOAT: "double", BOOL: "boolean"}[f.type]
+    if f.repeated:
+        return {"type": "array", "items": item}
+    if f.nullable:
+        return ["null", item]
+    return item
+
+
+def _avro_field(f: Field, namespace: str) -> dict:
+    out = {"name": f.name, "type": _avro_type(f, namespace)}
+    if f.doc:
+        out["doc"] = f.doc
+    if f.nullable:
+        out["default"] = None
+    elif f.repeated:
+        out["default"] = []
+    return out
+
+
+def avro_schema(record: RecordDef) -> dict:
+    """The Avro schema (as a dict, ready for fastavro.parse_schema)."""
+    return {
+        "type": "record",
+        "name": record.name,
+        "namespace": record.namespace,
+        "doc": record.doc,
+        "fields": [_avro_field(f, record.namespace) for f in record.fields],
+    }
+
+
+# ---------------------------------------------------------------- Arrow
+
+
+def _arrow_type(f: Field) -> pa.DataType:
+    if f.type == RECORD:
+        item = pa.struct([_arrow_field(sub) for sub in f.fields])
+    else:
+        item = {
+            STRING: pa.string(),
+            INT: pa.int64(),
+            FLOAT: pa.float64(),
+            BOOL: pa.bool_(),
+            TIMESTAMP: pa.timestamp("us", tz="UTC"),
+        }[f.type]
+    return pa.list_(pa.field("item", item, nullable=False)) if f.repeated else item
+
+
+def _arrow_field(f: Field) -> pa.Field:
+    # A repeated column itself is never null (an empty list instead).
+    return pa.field(f.name, _arrow_type(f), nullable=f.nullable)
+
+
+def arrow_schema(record: RecordDef) -> pa.Schema:
+    """The pyarrow schema for Parquet files of this record."""
+    return pa.schema([_arrow_field(f) for f in record.fields], metadata={"medtwin.record": record.name})
+
+
+# ---------------------------------------------------------------- BigQuery
+
+
+_BQ_TYPES = {STRING: "STRING", INT: "INT64", FLOAT: "FLOAT64", BOOL: "BOOL", TIMESTAMP: "TIMESTAMP", RECORD: "RECORD"}
+
+
+def _bq_field(f: Field):
+    from google.cloud.bigquery import SchemaField
+
+    mode = "REPEATED" if f.repeated else ("NULLABLE" if f.nullable else "REQUIRED")
+    return SchemaField(
+        f.name, _BQ_TYPES[f.type], mode=mode, description=f.doc or None, fields=[_bq_field(s) for s in f.fields]
+    )
+
+
+def bigquery_schema(record: RecordDef) -> list:
+    """The BigQuery table schema: a list of `google.cloud.bigquery.SchemaField`."""
+    return [_bq_field(f) for f in record.fields]
+
+
+def bigquery_table_options(record: RecordDef) -> dict:
+    """Partitioning and clustering for `google.cloud.bigquery.Table` / WriteToBigQuery."""
+    options: dict[str, Any] = {}
+    if record.partition_field:
+        options["timePartitioning"] = {"type": "DAY", "field": record.partition_field}
+    if record.cluster_fields:
+        options["clustering"] = {"fields": list(record.cluster_fields)}
+    return options
+
+
+def bigquery_schema_json(record: RecordDef) -> dict:
+    """The schema in the JSON form `beam.io.WriteToBigQuery(schema=...)` takes."""
+    return {"fields": [f.to_api_repr() for f in bigquery_schema(record)]}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_scalar(f: Field, value: Any, path: str) -> None:
+    if f.type == STRING:
+        if not isinstance(value, str):
+            raise SchemaError(path, f"expected a string, got {type(value).__name__} {value!r:.40}")
+        if len(value) < f.min_length:
+            raise SchemaError(path, "must not be empty" if f.min_length == 1 else f"is shorter than {f.min_length}")
+        if f.choices and value not in f.choices:
+            raise SchemaError(path, f"{value!r:.40} is not one of {', '.join(f.choices)}")
+    elif f.type == BOOL:
+        if not isinstance(value, bool):
+            raise SchemaError(path, f"expected a boolean, got {type(value).__name__} {value!r:.40}")
+    elif f.type in (INT, FLOAT):
+        number_types = (int,) if f.type == INT else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number_types):
+            raise SchemaError(path, f"expected {'an integer' if f.type == INT else 'a number'}, "
+                              f"got {type(value).__name__} {value!r:.40}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SchemaError(path, f"{value} is not a finite number")
+        if f.minimum is not None and value < f.minimum:
+            raise SchemaError(path, f"{value} is below the minimum {f.minimum:g}")
+        if f.maximum is not None and value > f.maximum:
+            raise SchemaError(path, f"{value} is above the maximum {f.maximum:g}")
+    elif f.type == TIMESTAMP:
+        if not isinstance(value, dt.datetime) or value.tzinfo is None:
+            raise SchemaError(path, f"expected a timezone-aware datetime, got {type(value).__name__} {value!r:.40}")
+
+
+def _check_value(f: Field, value: Any, path: str) -> None:
+    if f.type == RECORD:
+        _check_fields(f.fields, value, path)
+    else:
+        _check_scalar(f, value, path)
+
+
+def _check_fields(fields: Sequence[Field], record: Any, path: str) -> None:
+    if not isinstance(record, Mapping):
+        raise SchemaError(path, f"expected a record, got {type(record).__name__}")
+    known = {f.name for f in fields}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise SchemaError(f"{path}.{unknown[0]}", "is not a field of this record")
+    for f in fields:
+        fpath = f"{path}.{f.name}"
+        value = record.get(f.name)
+        if value is None:
+            if f.nullable:
+                continue
+            raise SchemaError(fpath, "is required but missing")
+        if f.repeated:
+            if not isinstance(value, (list, tuple)):
+                raise SchemaError(fpath, f"expected a list, got {type(value).__name__}")
+            for i, item in enumerate(value):
+                _check_value(f, item, f"{fpath}[{i}]")
+        else:
+            _check_value(f, value, fpath)
+
+
+def validate(record_def: RecordDef, record: Any) -> None:
+    """Raise `SchemaError` naming the first field of `record` that breaks the contract."""
+    _check_fields(record_def.fields, record, record_def.name)
+
+
+def is_valid(record_def: RecordDef, record: Any) -> bool:
+    try:
+        validate(record_def, record)
+    except SchemaError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def parse_timestamp(value: Any, path: str) -> dt.datetime:
+    """ISO-8601 (``Z`` or offset) or epoch seconds -> aware UTC datetime."""
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise SchemaError(path, f"{value!r:.40} is not an ISO-8601 timestamp") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    raise SchemaError(path, f"expected a timestamp, got {type(value).__name__} {value!r:.40}")
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """Aware datetime -> ISO-8601 with microseconds and ``Z``."""
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _from_json_fields(fields: Sequence[Field], obj: Any, path: str) -> Any:
+    if not isinstance(obj, Mapping):
+        return obj  # validate() reports it
+    out = dict(obj)
+    for f in fields:
+        value = obj.get(f.name)
+        if value is None:
+            continue
+        if f.type == TIMESTAMP:
+            convert = lambda v, p: parse_timestamp(v, p)  # noqa: E731
+        elif f.type == RECORD:
+            convert = lambda v, p, f=f: _from_json_fields(f.fields, v, p)  # noqa: E731
+        elif f.type == FLOAT:
+            # JSON has one number type: an integral reading like 37 is a float here.
+            convert = lambda v, p: float(v) if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
+        else:
+            continue
+        fpath = f"{path}.{f.name}"
+        if f.repeated and isinstance(value, list):
+            out[f.name] = [convert(v, f"{fpath}[{i}]") for i, v in enumerate(value)]
+        else:
+            out[f.name] = convert(value, fpath)
+    return out
+
+
+def from_json(record_def: RecordDef, obj: Any) -> dict:
+    """A parsed JSON object -> a validated in-memory record (raises SchemaError)."""
+    record = _from_json_fields(record_def.fields, obj, record_def.name)
+    validate(record_def, record)
+    return record
+
+
+def _to_json_value(f: Field, value: Any) -> Any:
+    if value is None:
+        return None
+    if f.repeated:
+        return [_to_json_item(f, v) for v in value]
+    return _to_json_item(f, value)
+
+
+def _to_json_item(f: Field, value: Any) -> Any:
+    if f.type == TIMESTAMP:
+        return format_timestamp(value)
+    if f.type == RECORD:
+        return {sub.name: _to_json_value(sub, value.get(sub.name)) for sub in f.fields}
+    return value
+
+
+def to_json(record_def: RecordDef, record: Mapping) -> dict:
+    """An in-memory record -> a JSON-serialisable dict (timestamps as ISO-8601)."""
+    return {f.name: _to_json_value(f, record.get(f.name)) for f in record_def.fields}

@@ -1,0 +1,171 @@
+"""Output tables: what analysts query in BigQuery or, locally, in DuckDB over Parquet.
+
+No table carries a direct patient identifier: patients appear only as
+``patient_key``, a keyed hash (see `transforms.pseudonymise`). Names, birth
+dates and addresses are never written anywhere.
+"""
+
+from schemas.contract import BOOL, FLOAT, INT, RECORD, STRING, TIMESTAMP, Field, RecordDef
+from schemas.inputs import VITAL_NAMES
+
+PANE_TIMINGS = ("EARLY", "ON_TIME", "LATE", "UNKNOWN")
+NEWS2_BANDS = ("low", "low-medium", "medium", "high")
+
+_WINDOW = (
+    Field("window_start", TIMESTAMP, doc="Start of the event-time window (inclusive)."),
+    Field("window_end", TIMESTAMP, doc="End of the event-time window (exclusive)."),
+    Field("pane_index", INT, doc="0 for the first result of this window, +1 for each refinement."),
+    Field("pane_timing", STRING, choices=PANE_TIMINGS, doc="EARLY (before the watermark), ON_TIME or LATE."),
+    Field("is_final", BOOL, doc="No more panes will follow for this window (batch, or past allowed lateness)."),
+)
+
+
+def _vital_stats() -> tuple[Field, ...]:
+    fields = []
+    for vital in VITAL_NAMES:
+        for stat in ("mean", "min", "max", "last"):
+            fields.append(Field(f"{vital}_{stat}", FLOAT, nullable=True, doc=f"{stat} of {vital} in the window."))
+    return tuple(fields)
+
+
+PATIENT_TWIN = RecordDef(
+    name="patient_twin",
+    doc="A patient's vital signs and NEWS2 over one event-time window (one row per pane).",
+    partition_field="window_start",
+    cluster_fields=("patient_key",),
+    fields=(
+        Field("patient_key", STRING, min_length=1, doc="Keyed pseudonym of the patient id."),
+        *_WINDOW,
+        Field("sample_count", INT, doc="Distinct samples in the window."),
+        Field("completeness", FLOAT, minimum=0, maximum=1,
+              doc="Samples received / samples expected at the nominal sampling rate."),
+        *_vital_stats(),
+        Field("steps_total", INT, nullable=True, doc="Steps in the window."),
+        Field("sleep_stage_last", STRING, nullable=True, doc="Last reported sleep stage."),
+        Field("consciousness", STRING, nullable=True, doc="Latest ACVPU observation at or before the window end."),
+        Field("supplemental_oxygen", BOOL, nullable=True, doc="Latest oxygen observation at or before the window end."),
+        Field("news2_score", INT, nullable=True, doc="NEWS2 aggregate over the parameters present."),
+        Field("news2_band", STRING, nullable=True, choices=NEWS2_BANDS, doc="NEWS2 clinical risk band."),
+        Field("news2_missing", STRING, repeated=True, doc="NEWS2 parameters absent from this window."),
+        Field("baseline_heart_rate", FLOAT, nullable=True, doc="Patient's running baseline heart rate (EWMA)."),
+        Field("baseline_temperature_c", FLOAT, nullable=True, doc="Patient's running baseline temperature."),
+        Field("heart_rate_trend", FLOAT, nullable=True, doc="Heart rate change vs baseline, bpm."),
+        Field("stale", BOOL, doc="No sample arrived for longer than the stale threshold before this window."),
+    ),
+)
+
+ERROR_COUNT = (
+    Field("code", STRING, doc="Vendor error code."),
+    Field("severity", STRING, doc="Severity."),
+    Field("count", INT, doc="Occurrences in the window."),
+)
+
+DEVICE_TWIN = RecordDef(
+    name="device_twin",
+    doc="An imaging device's health over one event-time window (one row per pane).",
+    partition_field="window_start",
+    cluster_fields=("device_id",),
+    fields=(
+        Field("device_id", STRING, min_length=1, doc="Imaging device id."),
+        Field("device_model", STRING, nullable=True, doc="Vendor model."),
+        *_WINDOW,
+        Field("event_count", INT, doc="Log events in the window."),
+        Field("status", STRING, nullable=True, doc="Last reported status."),
+        Field("uptime_fraction", FLOAT, minimum=0, maximum=1, doc="Share of the window with heartbeats and not offline."),
+        Field("heartbeat_count", INT, doc="Heartbeats received."),
+        Field("max_heartbeat_gap_s", FLOAT, nullable=True, doc="Longest gap between heartbeats (incl. window edges), s."),
+        Field("missed_heartbeats", INT, doc="Expected heartbeats that did not arrive."),
+        Field("error_count", INT, doc="Error events."),
+        Field("error_counts", RECORD, repeated=True, fields=ERROR_COUNT, record_name="ErrorCount",
+              doc="Errors by code and severity."),
+        Field("exposure_count", INT, doc="Exposures taken."),
+        Field("tube_temperature_mean", FLOAT, nullable=True, doc="Mean tube temperature, °C."),
+        Field("tube_temperature_max", FLOAT, nullable=True, doc="Max tube temperature, °C."),
+        Field("firmware_version", STRING, nullable=True, doc="Last reported firmware version."),
+        Field("config_version", STRING, nullable=True, doc="Last reported configuration version."),
+        Field("config_changed_at", TIMESTAMP, nullable=True, doc="Last configuration change in the window."),
+        Field("last_maintenance", TIMESTAMP, nullable=True, doc="Most recent maintenance known at window end."),
+        Field("days_since_maintenance", FLOAT, nullable=True, doc="Days from last maintenance to window end."),
+        Field("maintenance_due", BOOL, doc="Service interval exceeded."),
+        Field("failure_risk", FLOAT, minimum=0, maximum=1, doc="Failure-risk score."),
+        Field("failure_risk_reasons", STRING, repeated=True, doc="Why the score is what it is."),
+    ),
+)
+
+BOX = (
+    Field("x1", FLOAT, doc="Left, in original image pixels."),
+    Field("y1", FLOAT, doc="Top, in original image pixels."),
+    Field("x2", FLOAT, doc="Right (exclusive), in original image pixels."),
+    Field("y2", FLOAT, doc="Bottom (exclusive), in original image pixels."),
+    Field("score", FLOAT, minimum=0, maximum=1, doc="Detection confidence."),
+    Field("label", STRING, doc="Finding label, e.g. 'opacity'."),
+)
+
+DETECTIONS = RecordDef(
+    name="detections",
+    doc="AI findings on one chest X-ray (not for clinical use).",
+    partition_field="acquisition_time",
+    cluster_fields=("patient_key", "device_id"),
+    fields=(
+        Field("sop_instance_uid", STRING, min_length=1, doc="(0008,0018) kept for linkage back to the PACS."),
+        Field("study_instance_uid", STRING, min_length=1, doc="(0020,000D)"),
+        Field("series_instance_uid", STRING, min_length=1, doc="(0020,000E)"),
+        Field("patient_key", STRING, min_length=1, doc="Keyed pseudonym of the patient id."),
+        Field("device_id", STRING, min_length=1, doc="Acquiring device."),
+        Field("acquisition_time", TIMESTAMP, doc="Acquisition time."),
+        Field("model_name", STRING, doc="Detector architecture and config."),
+        Field("model_version", STRING, doc="Weights version (hash)."),
+        Field("boxes", RECORD, repeated=True, fields=BOX, record_name="Box", doc="Detected opacities."),
+        Field("covid_probability", FLOAT, minimum=0, maximum=1, doc="Image-level probability of COVID-like opacity."),
+        Field("image_rows", INT, doc="Original image rows."),
+        Field("image_columns", INT, doc="Original image columns."),
+        Field("inference_latency_ms", FLOAT, doc="Model time for the batch, ms."),
+        Field("batch_size", INT, doc="Images in the inference batch."),
+        Field("quality_flag", BOOL, doc="The acquiring device was degraded at acquisition time."),
+        Field("quality_reasons", STRING, repeated=True, doc="Why the quality flag is set."),
+    ),
+)
+
+ALERT_KINDS = ("news2_band", "device_failure_risk", "maintenance_overdue", "sensor_stale", "triage")
+ALERT_SEVERITIES = ("info", "warning", "urgent")
+
+ALERTS = RecordDef(
+    name="alerts",
+    doc="One alert per onset of a condition (not one per pane), with its evidence.",
+    partition_field="onset_time",
+    cluster_fields=("kind", "subject_id"),
+    fields=(
+        Field("alert_id", STRING, min_length=1, doc="Deterministic id: kind, subject and onset."),
+        Field("kind", STRING, choices=ALERT_KINDS, doc="What condition started."),
+        Field("subject_type", STRING, choices=("patient", "device"), doc="Whom it concerns."),
+        Field("subject_id", STRING, min_length=1, doc="patient_key or device_id."),
+        Field("severity", STRING, choices=ALERT_SEVERITIES, doc="How urgent."),
+        Field("onset_time", TIMESTAMP, doc="Event time the condition started (window start)."),
+        Field("window_end", TIMESTAMP, nullable=True, doc="End of the window that raised it."),
+        Field("message", STRING, doc="Human-readable summary."),
+        Field("evidence", STRING, doc="JSON object with the values that raised it."),
+    ),
+)
+
+DEAD_LETTERS = RecordDef(
+    name="dead_letters",
+    doc="Every input the pipeline could not use, with where and why. Nothing is dropped silently.",
+    partition_field="recorded_at",
+    cluster_fields=("stage",),
+    fields=(
+        Field("stage", STRING, min_length=1, doc="Pipeline stage that rejected it, e.g. decode_wearables."),
+        Field("reason", STRING, min_length=1, doc="Why, naming the field where there is one."),
+        Field("source", STRING, nullable=True, doc="Stream or file it came from."),
+        Field("payload", STRING, doc="The input, pseudonymised and truncated."),
+        Field("event_time", TIMESTAMP, nullable=True, doc="Event time of the input, when known."),
+        Field("recorded_at", TIMESTAMP, doc="Event time the dead letter was recorded under."),
+    ),
+)
+
+OUTPUT_TABLES = {
+    "patient_twin": PATIENT_TWIN,
+    "device_twin": DEVICE_TWIN,
+    "detections": DETECTIONS,
+    "alerts": ALERTS,
+    "dead_letters": DEAD_LETTERS,
+}

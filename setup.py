@@ -1,0 +1,47 @@
+"""medtwin: streaming digital twins and imaging AI for hospitals, on Apache Beam.
+
+This file is the real install: `pip install -e .[test]` on a workstation, and
+`--setup_file ./setup.py` when Dataflow stages the package on its workers.
+"""
+import setuptools
+
+REQUIRED = [
+    "apache-beam[gcp]==2.77.0",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "numpy>=1.26",
+    "pyarrow>=16",
+    "fastavro>=1.9",
+    "pydicom>=3.0.2",
+    # pydicom pixel-data plugins: JPEG baseline/extended/lossless (libjpeg),
+    # JPEG 2000 (openjpeg), RLE; JPEG-LS encode/decode through CharLS.
+    "pylibjpeg>=2.0",
+    "pylibjpeg-libjpeg>=2.1",
+    "pylibjpeg-openjpeg>=2.3",
+    "pylibjpeg-rle>=2.0",
+    "pyjpegls>=1.3",
+    "google-cloud-bigquery>=3.20",
+    "safetensors>=0.4",
+    "duckdb>=1.0",
+    "pycocotools>=2.0.7",
+    "tqdm>=4.66",
+]
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "pydicom-data>=1.0",
+]
+
+setuptools.setup(
+    name="medtwin",
+    version="0.1.0",
+    description="Streaming digital twins of patients and imaging devices, with "
+    "Cascade R-CNN detection of COVID-19 opacities on chest X-rays.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["pipelines*", "transforms*", "model*", "schemas*", "launch*"]),
+    package_data={"model": ["weights/*.safetensors", "weights/*.json"]},
+    install_requires=REQUIRED,
+    extras_require={"test": TEST},
+    entry_points={"console_scripts": ["medtwin=pipelines.cli:main"]},
+)
