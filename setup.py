@@ -12,6 +12,7 @@ REQUIRED = [
     "numpy>=1.26",
     "pyarrow>=16",
     "fastavro>=1.9",
+    "orjson>=3.9",
     "pydicom>=3.0.2",
     # pydicom pixel-data plugins: JPEG baseline/extended/lossless (libjpeg),
     # JPEG 2000 (openjpeg), RLE; JPEG-LS encode/decode through CharLS.

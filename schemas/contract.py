@@ -281,6 +281,11 @@ def validate(record_def: RecordDef, record: Any) -> None:
     _check_fields(record_def.fields, record, record_def.name)
 
 
+def validate_fields(fields: Sequence[Field], record: Any, path: str) -> None:
+    """`validate` for a nested part of a record (e.g. one sample), reporting under `path`."""
+    _check_fields(fields, record, path)
+
+
 def is_valid(record_def: RecordDef, record: Any) -> bool:
     try:
         validate(record_def, record)
@@ -312,7 +317,8 @@ def format_timestamp(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _from_json_fields(fields: Sequence[Field], obj: Any, path: str) -> Any:
+def from_json_fields(fields: Sequence[Field], obj: Any, path: str) -> Any:
+    """JSON values of a (nested) record -> in-memory values: timestamps parsed, integral floats widened."""
     if not isinstance(obj, Mapping):
         return obj  # validate() reports it
     out = dict(obj)
@@ -323,7 +329,7 @@ def _from_json_fields(fields: Sequence[Field], obj: Any, path: str) -> Any:
         if f.type == TIMESTAMP:
             convert = lambda v, p: parse_timestamp(v, p)  # noqa: E731
         elif f.type == RECORD:
-            convert = lambda v, p, f=f: _from_json_fields(f.fields, v, p)  # noqa: E731
+            convert = lambda v, p, f=f: from_json_fields(f.fields, v, p)  # noqa: E731
         elif f.type == FLOAT:
             # JSON has one number type: an integral reading like 37 is a float here.
             convert = lambda v, p: float(v) if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
@@ -339,7 +345,7 @@ def _from_json_fields(fields: Sequence[Field], obj: Any, path: str) -> Any:
 
 def from_json(record_def: RecordDef, obj: Any) -> dict:
     """A parsed JSON object -> a validated in-memory record (raises SchemaError)."""
-    record = _from_json_fields(record_def.fields, obj, record_def.name)
+    record = from_json_fields(record_def.fields, obj, record_def.name)
     validate(record_def, record)
     return record
 

@@ -1,0 +1,34 @@
+# medtwin: two commands on a fresh machine.
+#   make demo   set up .venv, simulate a small hospital, run the pipeline, summarise with DuckDB
+#   make test   set up .venv, run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MEDTWIN:= $(VENV)/bin/medtwin
+STAMP  := $(VENV)/.installed-stamp
+DEMO   ?= demo
+
+.PHONY: install test demo bench clean-demo
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(MEDTWIN) simulate --out $(DEMO)/hospital --patients 20 --devices 4 --hours 3 --seed 7 --corrupt-fraction 0.01
+	$(MEDTWIN) run --input $(DEMO)/hospital --output $(DEMO)/out --demo
+	$(MEDTWIN) query $(DEMO)/out --summary
+
+bench: $(STAMP)
+	$(PY) bench/telemetry.py
+	$(PY) bench/detector.py
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,61 @@
+"""The `medtwin` command line: one entry point, a subcommand per job.
+
+    medtwin simulate  --out DIR ...            a synthetic hospital: streams, DICOM, truth
+    medtwin run       --input DIR --output OUT the twin + imaging pipeline (DirectRunner by default)
+    medtwin query     OUT "SQL"                DuckDB over the Parquet tables
+    medtwin train     ...                      train the detector
+    medtwin evaluate  ...                      score a detector checkpoint
+    medtwin backfill  ...                      re-run history with the same transforms
+    medtwin launch    ...                      submit the pipeline to Dataflow or Flink
+
+Each subcommand lives beside the code it drives and registers itself through
+an ``add_parser(subparsers)`` function that sets ``func`` on its parser; heavy
+imports (Beam, torch) happen inside ``func`` so ``--help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# The module of every subcommand, in the order `--help` lists them.
+SUBCOMMAND_MODULES = (
+    "simulator.cli",
+    "pipelines.run",
+    "pipelines.query",
+    "model.train_cli",
+    "model.evaluate_cli",
+    "launch.backfill",
+    "launch.submit",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medtwin",
+        description="Streaming digital twins of patients and imaging devices, with chest X-ray detection.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Flags medtwin does not know (--runner, --project, ...) belong to Beam's PipelineOptions;
+    # only the commands that build a pipeline accept them.
+    args, beam_args = parser.parse_known_args(argv)
+    if beam_args and not getattr(args, "accepts_beam_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    args.beam_args = beam_args
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

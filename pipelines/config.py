@@ -1,0 +1,136 @@
+"""The typed configuration of one medtwin job, validated before any graph is built.
+
+`JobConfig.from_args` turns the `medtwin run` flags into one object and
+rejects conflicting choices up front (e.g. Pub/Sub without streaming, a
+replay without an input directory, a production run without a
+pseudonymisation key). `pipelines.graph.build_pipeline` only reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from transforms.device_twin import DeviceTwinConfig
+from transforms.patient_twin import PatientTwinConfig
+from transforms.pseudonymise import resolve_key
+from transforms.sinks import SinkConfig
+from transforms.sources import STREAMS
+from transforms.windowing import WindowPolicy
+
+SOURCES = ("files", "replay", "watch", "pubsub", "kafka")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where the input streams come from.
+
+    Attributes:
+      kind: files (batch), replay (local streaming of landed files), watch (new files as they
+        land), pubsub (Dataflow), kafka (Flink).
+      input_dir: landed files root, for files/replay/watch.
+      subscriptions: stream -> Pub/Sub subscription, for pubsub.
+      kafka_bootstrap, topics: Kafka servers and stream -> topic, for kafka.
+      replay_step_seconds, replay_watermark_lag_seconds: replay pacing (see `ReplayLandedFiles`).
+    """
+
+    kind: str = "files"
+    input_dir: str | None = None
+    subscriptions: dict = dataclasses.field(default_factory=dict)
+    kafka_bootstrap: str | None = None
+    topics: dict = dataclasses.field(default_factory=dict)
+    replay_step_seconds: int = 60
+    replay_watermark_lag_seconds: int = 600
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    source: SourceConfig
+    sink: SinkConfig
+    patient: PatientTwinConfig
+    device: DeviceTwinConfig
+    pseudonym_key: str
+    streaming: bool
+
+    def __post_init__(self):
+        kind = self.source.kind
+        if kind not in SOURCES:
+            raise ValueError(f"unknown source {kind!r}; choose from {', '.join(SOURCES)}")
+        if kind in ("files", "replay", "watch") and not self.source.input_dir:
+            raise ValueError(f"--source {kind} needs --input DIR")
+        if kind in ("replay", "watch", "pubsub", "kafka") and not self.streaming:
+            raise ValueError(f"--source {kind} is unbounded: add --streaming")
+        if kind == "files" and self.streaming:
+            raise ValueError("--streaming with landed files: use --source replay (or watch)")
+        if kind == "pubsub" and not self.source.subscriptions:
+            raise ValueError("--source pubsub needs at least one --pubsub_<stream> subscription")
+        if kind == "kafka" and not (self.source.kafka_bootstrap and self.source.topics):
+            raise ValueError("--source kafka needs --kafka_bootstrap and at least one --kafka_<stream> topic")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "JobConfig":
+        streaming = bool(args.streaming)
+        source_kind = args.source or ("replay" if streaming else "files")
+        patient_policy = WindowPolicy(
+            window_seconds=args.window, allowed_lateness_seconds=args.allowed_lateness,
+            early_firing_seconds=args.early_firing, streaming=streaming, tick_seconds=args.gate_tick)
+        device_policy = WindowPolicy(
+            window_seconds=args.device_window, allowed_lateness_seconds=args.device_allowed_lateness,
+            early_firing_seconds=args.early_firing, streaming=streaming,
+            tick_seconds=min(args.gate_tick, args.device_window))
+        return cls(
+            source=SourceConfig(
+                kind=source_kind, input_dir=args.input,
+                subscriptions={s: getattr(args, f"pubsub_{s}") for s in STREAMS if getattr(args, f"pubsub_{s}")},
+                kafka_bootstrap=args.kafka_bootstrap,
+                topics={s: getattr(args, f"kafka_{s}") for s in STREAMS if getattr(args, f"kafka_{s}")},
+                replay_step_seconds=args.replay_step, replay_watermark_lag_seconds=args.replay_watermark_lag),
+            sink=SinkConfig(kind="bigquery" if args.bigquery_dataset else "parquet",
+                            output=args.bigquery_dataset or args.output, streaming=streaming),
+            patient=PatientTwinConfig(policy=patient_policy, expected_sample_seconds=args.expected_sample_seconds,
+                                      stale_after_seconds=args.stale_after),
+            device=DeviceTwinConfig(policy=device_policy, service_interval_days=args.service_interval_days),
+            pseudonym_key=resolve_key(args.pseudonym_key, demo=args.demo),
+            streaming=streaming,
+        )
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a twin job (shared by `medtwin run`, `backfill` and `launch`)."""
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--input", help="landed files root: <stream>/date=YYYY-MM-DD/<stream>-HH.(jsonl|avro)")
+    io.add_argument("--output", default="out", help="Parquet output root (local path or gs://) [%(default)s]")
+    io.add_argument("--bigquery_dataset", help="write to BigQuery project:dataset instead of Parquet")
+    io.add_argument("--source", choices=SOURCES,
+                    help="files (default in batch), replay (default with --streaming), watch, pubsub, kafka")
+    io.add_argument("--streaming", action="store_true", help="unbounded sources; early/on-time/late panes")
+    for stream in STREAMS:
+        io.add_argument(f"--pubsub_{stream}", metavar="SUBSCRIPTION",
+                        help=f"Pub/Sub subscription of {stream} (projects/P/subscriptions/S)")
+        io.add_argument(f"--kafka_{stream}", metavar="TOPIC", help=f"Kafka topic of {stream}")
+    io.add_argument("--kafka_bootstrap", help="Kafka bootstrap servers, host:port[,host:port]")
+    io.add_argument("--replay_step", type=int, default=60, help="replay: seconds of arrival per step [%(default)s]")
+    io.add_argument("--replay_watermark_lag", type=int, default=600,
+                    help="replay: watermark trails arrival by this many seconds [%(default)s]")
+
+    twin = parser.add_argument_group("twins")
+    twin.add_argument("--window", type=int, default=60, help="patient window, seconds [%(default)s]")
+    twin.add_argument("--allowed_lateness", type=int, default=7200,
+                      help="patient data accepted this long after its window ends, seconds [%(default)s]")
+    twin.add_argument("--device_window", type=int, default=300, help="device window, seconds [%(default)s]")
+    twin.add_argument("--device_allowed_lateness", type=int, default=600,
+                      help="device log lateness, seconds [%(default)s]")
+    twin.add_argument("--early_firing", type=int, default=30,
+                      help="streaming: processing seconds between early panes [%(default)s]")
+    twin.add_argument("--gate_tick", type=int, default=300,
+                      help="streaming: too-late gate resolution and lateness slack, seconds [%(default)s]")
+    twin.add_argument("--expected_sample_seconds", type=float, default=5.0,
+                      help="wearable sampling interval, for completeness [%(default)s]")
+    twin.add_argument("--stale_after", type=int, default=600, help="sensor stale after this silence, s [%(default)s]")
+    twin.add_argument("--service_interval_days", type=float, default=90.0,
+                      help="device maintenance due after this many days [%(default)s]")
+
+    privacy = parser.add_argument_group("privacy")
+    privacy.add_argument("--pseudonym_key", help="HMAC key for patient pseudonyms (or env MEDTWIN_PSEUDONYM_KEY)")
+    privacy.add_argument("--demo", action="store_true",
+                         help="synthetic data: allow running with the public demo pseudonym key")

@@ -1,0 +1,112 @@
+"""The medtwin graph: sources -> decode -> twins -> alerts -> sinks.
+
+    wearables ──Decode──► chunks ──PatientTwin──► patient_twin, alerts
+    observations ─Decode─────────────┘
+    device_logs ─Decode─► events ──DeviceTwin───► device_twin, alerts
+    every stage ─────────────────────────────────► dead_letters
+                                 all tables ──WriteTables──► Parquet | BigQuery
+
+`build_pipeline(pipeline, config)` adds the whole graph to `pipeline` and
+returns the output PCollections by table; it knows nothing of runners
+(`pipelines.run` and `launch/` run it). The DICOM references stream is
+decoded here and consumed by the imaging path.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from pipelines.config import JobConfig
+from transforms.dead_letters import DEAD_LETTERS
+from transforms.decode import (
+    DecodeDeviceEventsFn,
+    DecodeDicomReferencesFn,
+    DecodeObservationsFn,
+    DecodeWearablesFn,
+)
+from transforms.device_twin import DeviceTwin
+from transforms.patient_twin import PatientTwin
+from transforms.pseudonymise import Pseudonymiser
+from transforms.sinks import WriteTables
+from transforms.sources import (
+    STREAMS,
+    ReadKafkaStream,
+    ReadLandedFiles,
+    ReadPubSubStream,
+    ReplayLandedFiles,
+    WatchLandingDirectory,
+)
+
+
+class ReadStreams(beam.PTransform):
+    """The configured source -> {stream: PCollection[RawRecord]} (streams without a source are empty)."""
+
+    def __init__(self, config: JobConfig):
+        super().__init__()
+        self._source = config.source
+
+    def expand(self, pipeline):
+        source = self._source
+        if source.kind == "replay":
+            return pipeline | "Replay" >> ReplayLandedFiles(
+                source.input_dir, STREAMS, step_seconds=source.replay_step_seconds,
+                watermark_lag_seconds=source.replay_watermark_lag_seconds)
+        streams = {}
+        for stream in STREAMS:
+            if source.kind == "files":
+                reader = ReadLandedFiles(source.input_dir, stream)
+            elif source.kind == "watch":
+                reader = WatchLandingDirectory(source.input_dir, stream)
+            elif source.kind == "pubsub" and stream in source.subscriptions:
+                reader = ReadPubSubStream(source.subscriptions[stream])
+            elif source.kind == "kafka" and stream in source.topics:
+                reader = ReadKafkaStream(source.kafka_bootstrap, source.topics[stream])
+            else:
+                streams[stream] = pipeline | f"No_{stream}" >> beam.Create([])
+                continue
+            streams[stream] = pipeline | f"Read_{stream}" >> reader
+        return streams
+
+
+class DecodeStreams(beam.PTransform):
+    """{stream: RawRecord} -> {"chunks", "observations", "device_events", "dicom_refs", "dead_letters"}."""
+
+    def __init__(self, config: JobConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, raw):
+        pseudonymiser = Pseudonymiser(self._config.pseudonym_key)
+        decoders = {
+            "wearables": ("chunks", DecodeWearablesFn(pseudonymiser, self._config.patient.policy.window_seconds)),
+            "observations": ("observations", DecodeObservationsFn(pseudonymiser)),
+            "device_logs": ("device_events", DecodeDeviceEventsFn(pseudonymiser)),
+            "dicom_refs": ("dicom_refs", DecodeDicomReferencesFn(pseudonymiser)),
+        }
+        decoded, dead = {}, []
+        for stream, (name, decoder) in decoders.items():
+            outputs = raw[stream] | f"Decode_{stream}" >> beam.ParDo(decoder).with_outputs(DEAD_LETTERS, main=name)
+            decoded[name] = outputs[name]
+            dead.append(outputs[DEAD_LETTERS])
+        decoded[DEAD_LETTERS] = dead
+        return decoded
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
+    """Adds the medtwin graph, sinks included, to `pipeline`; returns {table: PCollection of rows}."""
+    raw = pipeline | "ReadStreams" >> ReadStreams(config)
+    decoded = raw | "Decode" >> DecodeStreams(config)
+    patients = {"chunks": decoded["chunks"], "observations": decoded["observations"]} | "PatientTwin" >> PatientTwin(
+        config.patient)
+    devices = decoded["device_events"] | "DeviceTwin" >> DeviceTwin(config.device)
+    tables = {
+        "patient_twin": patients["patient_twin"],
+        "device_twin": devices["device_twin"],
+        "alerts": (patients["alerts"], devices["alerts"]) | "AllAlerts" >> beam.Flatten(),
+        "dead_letters": (
+            (*decoded[DEAD_LETTERS], patients[DEAD_LETTERS], devices[DEAD_LETTERS])
+            | "AllDeadLetters" >> beam.Flatten()
+        ),
+    }
+    tables | "WriteTables" >> WriteTables(config.sink)
+    return tables

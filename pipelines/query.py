@@ -1,0 +1,121 @@
+"""`medtwin query OUT "SQL"`: DuckDB over the Parquet tables, for analysts.
+
+Every table under OUT is a view of the same name (``patient_twin``,
+``device_twin``, ``alerts``, ``dead_letters``, ``detections``), read with Hive
+partitioning (the ``date`` column). Twin tables have one row per pane; the
+``latest_patient_twin`` / ``latest_device_twin`` views keep the best row of
+each window: the final one if it exists, else the highest pane index.
+
+    medtwin query demo/out "SELECT news2_band, count(*) FROM latest_patient_twin GROUP BY 1"
+    medtwin query demo/out --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from schemas import OUTPUT_TABLES
+
+_LATEST = """
+CREATE OR REPLACE VIEW latest_{table} AS
+SELECT * FROM {table}
+QUALIFY row_number() OVER (PARTITION BY {key}, window_start ORDER BY is_final DESC, pane_index DESC) = 1
+"""
+_TWIN_KEYS = {"patient_twin": "patient_key", "device_twin": "device_id"}
+
+SUMMARY_QUERIES = {
+    "Patients in the high NEWS2 band in their latest window": """
+        SELECT patient_key, window_start, news2_score, news2_band, spo2_mean, respiratory_rate_mean,
+               temperature_c_mean
+        FROM latest_patient_twin
+        QUALIFY row_number() OVER (PARTITION BY patient_key ORDER BY window_start DESC) = 1
+            AND news2_band = 'high'
+        ORDER BY news2_score DESC LIMIT 10""",
+    "Devices at risk (highest failure risk per device)": """
+        SELECT device_id, max(failure_risk) AS max_risk, arg_max(window_start, failure_risk) AS at,
+               arg_max(failure_risk_reasons, failure_risk) AS reasons
+        FROM latest_device_twin GROUP BY device_id ORDER BY max_risk DESC LIMIT 10""",
+    "Alerts by kind": "SELECT kind, severity, count(*) AS alerts FROM alerts GROUP BY ALL ORDER BY ALL",
+    "Alert timeline (first 15)": """
+        SELECT onset_time, kind, subject_id, message FROM alerts ORDER BY onset_time, kind LIMIT 15""",
+    "Dead letters by stage and reason": """
+        SELECT stage, regexp_replace(reason, '[0-9].*$', '') AS reason, sum(record_count) AS records
+        FROM dead_letters GROUP BY ALL ORDER BY records DESC LIMIT 15""",
+}
+
+
+def connect(output_dir: str):
+    """A DuckDB connection with a view per table found under `output_dir` (and the latest_* views)."""
+    import duckdb
+
+    connection = duckdb.connect()
+    for table in OUTPUT_TABLES:
+        folder = os.path.join(output_dir, table)
+        if not os.path.isdir(folder) or not any(name.endswith(".parquet") for _, _, names in os.walk(folder)
+                                                 for name in names):
+            continue
+        pattern = os.path.join(folder, "**", "*.parquet").replace("'", "''")
+        connection.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
+                           f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)")
+        if table in _TWIN_KEYS:
+            connection.execute(_LATEST.format(table=table, key=_TWIN_KEYS[table]))
+    return connection
+
+
+def table_counts(output_dir: str) -> dict[str, int]:
+    connection = connect(output_dir)
+    views = {row[0] for row in connection.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in OUTPUT_TABLES if table in views}
+
+
+def print_summary(output_dir: str, out=sys.stdout) -> None:
+    """What a run wrote: rows per table, then the example analyses."""
+    connection = connect(output_dir)
+    counts = table_counts(output_dir)
+    print(f"\nTables in {output_dir}:", file=out)
+    for table, rows in counts.items():
+        print(f"  {table:<14} {rows:>9,} rows", file=out)
+    for title, sql in SUMMARY_QUERIES.items():
+        needed = [t for t in ("latest_patient_twin", "latest_device_twin", "alerts", "dead_letters") if t in sql]
+        if any(t.removeprefix("latest_") not in counts for t in needed):
+            continue
+        print(f"\n{title}:", file=out)
+        print(connection.sql(sql), file=out)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "query", help="query the output tables with DuckDB", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="the pipeline's Parquet output directory")
+    parser.add_argument("sql", nargs="?", help="a DuckDB SQL statement over the table views")
+    parser.add_argument("--summary", action="store_true", help="print row counts and the example analyses")
+    parser.add_argument("--csv", action="store_true", help="print the result as CSV")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import duckdb
+
+    if not os.path.isdir(args.output):
+        print(f"medtwin query: no output directory {args.output}", file=sys.stderr)
+        return 2
+    if args.summary or not args.sql:
+        print_summary(args.output)
+        return 0
+    try:
+        result = connect(args.output).sql(args.sql)
+    except duckdb.Error as error:
+        print(f"medtwin query: {error}", file=sys.stderr)
+        return 2
+    if result is None:
+        return 0
+    if args.csv:
+        result.write_csv("/dev/stdout")
+    else:
+        result.show(max_rows=200, max_width=200)
+    return 0

@@ -1,0 +1,150 @@
+"""Decode: raw records -> validated, pseudonymised records; everything else is a dead letter."""
+
+import datetime as dt
+
+import apache_beam as beam
+import numpy as np
+import orjson
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from schemas import DEAD_LETTERS as DEAD_LETTERS_TABLE
+from schemas import validate
+from transforms.dead_letters import DEAD_LETTERS
+from transforms.decode import (
+    DecodeDeviceEventsFn,
+    DecodeObservationsFn,
+    DecodeWearablesFn,
+    RawRecord,
+    UnreadableInput,
+    to_micros,
+)
+from transforms.pseudonymise import Pseudonymiser
+
+KEY = "test-key-0123456789"
+ARRIVAL = dt.datetime(2026, 3, 2, 6, 30, tzinfo=dt.timezone.utc)
+PSEUDONYMS = Pseudonymiser(KEY)
+
+
+def _upload(samples, **overrides):
+    upload = {"upload_id": "u1", "device_id": "W-7", "patient_id": "MRN-000042",
+              "upload_time": "2026-03-02T06:30:00Z", "samples": samples}
+    upload.update(overrides)
+    return orjson.dumps(upload)
+
+
+def _sample(second, **vitals):
+    return {"event_time": f"2026-03-02T06:{second // 60:02d}:{second % 60:02d}.000000Z", **vitals}
+
+
+def _decode_wearables(payloads, window_seconds=60):
+    fn = DecodeWearablesFn(PSEUDONYMS, window_seconds)
+    outputs = []
+    for i, payload in enumerate(payloads):
+        outputs.extend(fn.process(RawRecord(f"f.jsonl:{i + 1}", payload, ARRIVAL)))
+    chunks = [o for o in outputs if not hasattr(o, "tag")]  # TimestampedValue((key, chunk))
+    dead = [o.value for o in outputs if hasattr(o, "tag")]
+    assert all(o.tag == DEAD_LETTERS for o in outputs if hasattr(o, "tag"))
+    for row in dead:
+        validate(DEAD_LETTERS_TABLE, row)
+    return chunks, dead
+
+
+def test_clean_upload_is_split_into_window_chunks_column_wise():
+    samples = [_sample(s, heart_rate=60.0 + s, spo2=97, steps=3) for s in range(50, 130, 10)]
+    chunks, dead = _decode_wearables([_upload(samples)])
+    assert dead == []
+    assert [len(c.value[1].times_us) for c in chunks] == [1, 6, 1]  # 06:00:50 | 06:01:00-50 | 06:02:00
+    key, chunk = chunks[1].value
+    assert key == PSEUDONYMS.patient_key("MRN-000042") and key != "MRN-000042"
+    assert chunk.device_id == "W-7"
+    assert chunks[1].timestamp.micros == chunk.times_us[0]
+    np.testing.assert_array_equal(chunk.vitals[:, 0], [120.0, 130, 140, 150, 160, 170])  # heart rate
+    assert np.isnan(chunk.vitals[:, 2]).all()  # systolic absent
+    assert chunk.vitals[0, 1] == 97.0  # integral JSON spo2 read as float
+    np.testing.assert_array_equal(chunk.steps, np.full(6, 3.0))
+
+
+def test_bad_samples_are_dead_letters_and_the_rest_is_kept():
+    samples = [_sample(0, heart_rate=70.0), _sample(5, spo2=140.0), _sample(10, heart_rate="fast"),
+               _sample(15, sleep_stage="coma"), {"heart_rate": 70.0}, _sample(20, heart_rate=True),
+               _sample(25, heart_rate=71.0)]
+    chunks, dead = _decode_wearables([_upload(samples)])
+    kept = sum(len(c.value[1].times_us) for c in chunks)
+    assert kept == 2
+    assert kept + len(dead) == len(samples)  # nothing lost
+    reasons = sorted(d["reason"] for d in dead)
+    assert reasons == sorted([
+        "WearableUpload.samples[1].spo2: 140.0 is above the maximum 100",
+        "WearableUpload.samples[2].heart_rate: expected a number, got str 'fast'",
+        "WearableUpload.samples[3].sleep_stage: 'coma' is not one of awake, light, deep, rem",
+        "WearableUpload.samples[4].event_time: is required but missing",
+        "WearableUpload.samples[5].heart_rate: expected a number, got bool True",
+    ])
+    assert all(d["stage"] == "decode_wearables" and d["source"] == "f.jsonl:1" for d in dead)
+    assert all("MRN-000042" not in d["payload"] for d in dead)
+    assert dead[0]["event_time"] == dt.datetime(2026, 3, 2, 6, 0, 5, tzinfo=dt.timezone.utc)
+
+
+def test_broken_uploads_are_one_dead_letter_each_without_the_patient_id():
+    broken_json = _upload([_sample(0, heart_rate=70.0)])[:-7]
+    missing_id = _upload([_sample(0), _sample(5)], patient_id="")
+    not_an_object = b"[1, 2, 3]"
+    chunks, dead = _decode_wearables([broken_json, missing_id, not_an_object])
+    assert chunks == []
+    assert [d["reason"].split(":")[0] for d in dead] == ["invalid JSON", "WearableUpload.patient_id", "WearableUpload"]
+    assert [d["record_count"] for d in dead] == [1, 2, 1]
+    assert "MRN-000042" not in dead[0]["payload"]
+    assert "pk:" + PSEUDONYMS.patient_key("MRN-000042") in dead[0]["payload"]
+    assert all(d["recorded_at"] == ARRIVAL for d in dead)
+
+
+def test_unreadable_input_is_a_dead_letter_with_the_source_reason():
+    fn = DecodeDeviceEventsFn(PSEUDONYMS)
+    (output,) = fn.process(RawRecord("device_logs/x.avro", UnreadableInput("unreadable Avro file: EOFError"), ARRIVAL))
+    assert output.tag == DEAD_LETTERS and output.value["reason"] == "unreadable Avro file: EOFError"
+
+
+def test_avro_records_decode_like_json():
+    event_time = dt.datetime(2026, 3, 2, 6, 1, tzinfo=dt.timezone.utc)
+    avro_record = {"event_id": "e1", "device_id": "XR-1", "device_model": "DRX-1", "event_time": event_time,
+                   "kind": "heartbeat", "severity": "info", "code": None, "message": None, "status": None,
+                   "tube_temperature_c": 41.5, "exposure_count": None, "firmware_version": None,
+                   "config_version": None}
+    (output,) = DecodeDeviceEventsFn(PSEUDONYMS).process(RawRecord("d.avro#1", avro_record, ARRIVAL))
+    assert output.value == ("XR-1", avro_record)
+    assert output.timestamp.micros == to_micros(event_time)
+
+
+def test_observations_are_keyed_by_pseudonym_in_a_pipeline():
+    raw = [
+        RawRecord("o.jsonl:1", orjson.dumps({"observation_id": "o1", "patient_id": "MRN-1",
+                                             "event_time": "2026-03-02T06:00:00Z", "consciousness": "alert",
+                                             "supplemental_oxygen": False}), ARRIVAL),
+        RawRecord("o.jsonl:2", b'{"observation_id": "o2", "patient_id": "MRN-1", "event_time": "soon"}', ARRIVAL),
+    ]
+    with TestPipeline() as pipeline:
+        outputs = (pipeline | beam.Create(raw)
+                   | beam.ParDo(DecodeObservationsFn(PSEUDONYMS)).with_outputs(DEAD_LETTERS, main="ok"))
+        assert_that(outputs.ok | beam.Map(lambda kv: (kv[0], kv[1]["consciousness"])),
+                    equal_to([(PSEUDONYMS.patient_key("MRN-1"), "alert")]), label="decoded")
+        assert_that(outputs[DEAD_LETTERS] | beam.Map(lambda d: d["reason"]),
+                    equal_to(["ClinicalObservation.event_time: 'soon' is not an ISO-8601 timestamp"]), label="dead")
+
+
+def test_pseudonyms_depend_on_the_key():
+    assert Pseudonymiser("another-key-0123456").patient_key("MRN-1") != PSEUDONYMS.patient_key("MRN-1")
+    assert len(PSEUDONYMS.patient_key("MRN-1")) == 32
+
+
+@pytest.mark.parametrize("key, demo, ok", [(None, True, True), (None, False, False), ("short", True, False)])
+def test_a_key_is_required_outside_the_demo(monkeypatch, key, demo, ok):
+    from transforms.pseudonymise import MissingKeyError, resolve_key
+
+    monkeypatch.delenv("MEDTWIN_PSEUDONYM_KEY", raising=False)
+    if ok:
+        assert resolve_key(key, demo=demo)
+    else:
+        with pytest.raises(MissingKeyError):
+            resolve_key(key, demo=demo)

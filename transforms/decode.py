@@ -1,0 +1,293 @@
+"""Decode: raw input records -> validated, pseudonymised records, or dead letters.
+
+Every stream arrives as `RawRecord`s: JSON bytes (files, Pub/Sub, Kafka) or an
+already-decoded dict (Avro files), plus where it came from and when it
+arrived. Decoding checks each record against `schemas/` and replaces the
+patient identifier with its keyed pseudonym. Anything that does not fit goes
+to the ``dead_letters`` output with the stage, the reason naming the field,
+and the pseudonymised payload; nothing raises and nothing is dropped.
+
+Wearable uploads are the volume stream (one upload carries minutes of 1 Hz
+samples), so they are decoded column-wise into `SampleChunk`s, one per
+patient and event-time window, validated with numpy in the common case and
+sample by sample only when something is wrong. Accounting, per upload:
+``len(samples) = samples in chunks + sample-level dead letters``; an upload
+rejected as a whole is one dead letter whose ``record_count`` is its number
+of samples (1 when the samples cannot be read at all).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable, NamedTuple
+
+import apache_beam as beam
+import numpy as np
+import orjson
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from schemas import CLINICAL_OBSERVATION, DEVICE_LOG_EVENT, DICOM_REFERENCE, WEARABLE_UPLOAD, SchemaError
+from schemas.contract import from_json, from_json_fields, parse_timestamp, validate_fields
+from schemas.inputs import VITAL_NAMES, VITAL_SAMPLE
+from transforms.dead_letters import DEAD_LETTERS, dead_letter
+from transforms.pseudonymise import Pseudonymiser
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_SAMPLE_FIELDS = {f.name: f for f in VITAL_SAMPLE}
+_VITAL_LIMITS = np.array([[_SAMPLE_FIELDS[v].minimum, _SAMPLE_FIELDS[v].maximum] for v in VITAL_NAMES])
+_STEPS = _SAMPLE_FIELDS["steps"]
+_SLEEP_STAGES = frozenset(_SAMPLE_FIELDS["sleep_stage"].choices)
+_NUMBER = (int, float)
+
+
+class RawRecord(NamedTuple):
+    """One input record as it arrived.
+
+    Attributes:
+      source: where it came from, e.g. ``wearables/date=2026-03-02/wearables-06.jsonl:17``
+        or ``pubsub:projects/p/subscriptions/s``.
+      payload: JSON bytes, a dict already decoded from Avro, or `UnreadableInput`.
+      arrival_time: when it reached the hospital (file partition hour, Pub/Sub publish time).
+    """
+
+    source: str
+    payload: "bytes | dict | UnreadableInput"
+    arrival_time: dt.datetime
+
+
+class UnreadableInput(NamedTuple):
+    """The payload of a RawRecord the source could not read at all (e.g. a damaged Avro file)."""
+
+    reason: str
+
+
+class SampleChunk(NamedTuple):
+    """The samples of one upload that fall into one event-time window, column-wise.
+
+    Attributes:
+      device_id: the wearable that took them.
+      times_us: (n,) int64 event times, microseconds since the epoch, ascending.
+      vitals: (n, 6) float64 in `schemas.inputs.VITAL_NAMES` order, NaN where absent.
+      steps: (n,) float64 steps since the previous sample, NaN where absent.
+      sleep_stages: n sleep stages (str or None).
+    """
+
+    device_id: str
+    times_us: np.ndarray
+    vitals: np.ndarray
+    steps: np.ndarray
+    sleep_stages: tuple
+
+
+def to_micros(value: dt.datetime) -> int:
+    return (value - EPOCH) // dt.timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> dt.datetime:
+    return EPOCH + dt.timedelta(microseconds=int(micros))
+
+
+def _parse(raw: RawRecord) -> Any:
+    return raw.payload if isinstance(raw.payload, dict) else orjson.loads(raw.payload)
+
+
+def _scrubbed(raw: RawRecord, pseudonymiser: Pseudonymiser) -> str:
+    if isinstance(raw.payload, UnreadableInput):
+        return ""
+    if isinstance(raw.payload, dict):
+        payload = dict(raw.payload)
+        if isinstance(payload.get("patient_id"), str):
+            payload["patient_id"] = "pk:" + pseudonymiser.patient_key(payload["patient_id"])
+        return orjson.dumps(payload, default=str, option=orjson.OPT_SORT_KEYS).decode()
+    return pseudonymiser.scrub_text(raw.payload.decode("utf-8", errors="replace"))
+
+
+class _DecodeFn(beam.DoFn):
+    """Shared plumbing: parse, and turn any failure into a dead letter."""
+
+    stage = "decode"
+
+    def __init__(self, pseudonymiser: Pseudonymiser):
+        self._pseudonymiser = pseudonymiser
+        self._decoded = Metrics.counter(self.stage, "records_decoded")
+
+    def _reject(self, raw: RawRecord, reason: str, *, record_count: int = 1, event_time=None):
+        return TaggedOutput(DEAD_LETTERS, dead_letter(
+            self.stage, reason, _scrubbed(raw, self._pseudonymiser), source=raw.source,
+            recorded_at=raw.arrival_time, event_time=event_time, record_count=record_count,
+        ))
+
+    def process(self, raw: RawRecord):
+        if isinstance(raw.payload, UnreadableInput):
+            yield self._reject(raw, raw.payload.reason)
+            return
+        try:
+            obj = _parse(raw)
+        except orjson.JSONDecodeError as error:
+            yield self._reject(raw, f"invalid JSON: {error}")
+            return
+        try:
+            yield from self.decode(raw, obj)
+        except SchemaError as error:
+            count = len(obj["samples"]) if isinstance(obj, dict) and isinstance(obj.get("samples"), list) else 1
+            yield self._reject(raw, str(error), record_count=max(count, 1))
+
+    def decode(self, raw: RawRecord, obj: Any) -> Iterable:
+        raise NotImplementedError
+
+
+class DecodeDeviceEventsFn(_DecodeFn):
+    """RawRecord -> (device_id, DeviceLogEvent dict) timestamped at event_time."""
+
+    stage = "decode_device_logs"
+
+    def decode(self, raw, obj):
+        event = from_json(DEVICE_LOG_EVENT, obj)
+        self._decoded.inc()
+        yield TimestampedValue((event["device_id"], event), Timestamp(micros=to_micros(event["event_time"])))
+
+
+class DecodeObservationsFn(_DecodeFn):
+    """RawRecord -> (patient_key, ClinicalObservation without patient_id) at event_time."""
+
+    stage = "decode_observations"
+
+    def decode(self, raw, obj):
+        observation = from_json(CLINICAL_OBSERVATION, obj)
+        key = self._pseudonymiser.patient_key(observation.pop("patient_id"))
+        self._decoded.inc()
+        yield TimestampedValue((key, observation), Timestamp(micros=to_micros(observation["event_time"])))
+
+
+class DecodeDicomReferencesFn(_DecodeFn):
+    """RawRecord -> DicomReference with ``patient_key`` in place of ``patient_id``, at acquisition time."""
+
+    stage = "decode_dicom_refs"
+
+    def decode(self, raw, obj):
+        reference = from_json(DICOM_REFERENCE, obj)
+        reference["patient_key"] = self._pseudonymiser.patient_key(reference.pop("patient_id"))
+        self._decoded.inc()
+        yield TimestampedValue(reference, Timestamp(micros=to_micros(reference["acquisition_time"])))
+
+
+class DecodeWearablesFn(_DecodeFn):
+    """RawRecord -> (patient_key, SampleChunk) per event-time window, timestamped at the chunk's first sample.
+
+    Invalid samples become one dead letter each; the rest of the upload is kept.
+    """
+
+    stage = "decode_wearables"
+
+    def __init__(self, pseudonymiser: Pseudonymiser, window_seconds: int):
+        super().__init__(pseudonymiser)
+        self._window_us = int(window_seconds * 1_000_000)
+        self._samples = Metrics.counter(self.stage, "samples_decoded")
+
+    def decode(self, raw, obj):
+        if not isinstance(obj, dict):
+            raise SchemaError("WearableUpload", f"expected a record, got {type(obj).__name__}")
+        header = from_json(WEARABLE_UPLOAD, {**obj, "samples": []})
+        samples = obj.get("samples")
+        if not isinstance(samples, list):
+            raise SchemaError("WearableUpload.samples", f"expected a list, got {type(samples).__name__}")
+        key = self._pseudonymiser.patient_key(header["patient_id"])
+        good, bad = _columns(samples)
+        for index, reason in bad:
+            yield self._reject_sample(raw, header, samples[index], reason)
+        if good is None:
+            return
+        times, vitals, steps, stages = good
+        self._decoded.inc()
+        self._samples.inc(len(times))
+        order = np.argsort(times, kind="stable")
+        times, vitals, steps = times[order], vitals[order], steps[order]
+        stages = [stages[i] for i in order]
+        windows = times // self._window_us
+        starts = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1]])
+        for begin, end in zip(starts, np.r_[starts[1:], len(times)]):
+            chunk = SampleChunk(header["device_id"], times[begin:end], vitals[begin:end], steps[begin:end],
+                                tuple(stages[begin:end]))
+            yield TimestampedValue((key, chunk), Timestamp(micros=int(times[begin])))
+
+    def _reject_sample(self, raw, header, sample, reason):
+        payload = {"upload_id": header["upload_id"], "device_id": header["device_id"],
+                   "patient_id": "pk:" + self._pseudonymiser.patient_key(header["patient_id"]), "sample": sample}
+        event_time = None
+        if isinstance(sample, dict) and sample.get("event_time") is not None:
+            try:
+                event_time = parse_timestamp(sample["event_time"], "event_time")
+            except SchemaError:
+                pass
+        return TaggedOutput(DEAD_LETTERS, dead_letter(
+            self.stage, reason, payload, source=raw.source, recorded_at=raw.arrival_time, event_time=event_time))
+
+
+class _NeedsSampleBySample(Exception):
+    """The fast column-wise path met something it does not handle; validate sample by sample."""
+
+
+def _columns(samples: list) -> tuple[tuple | None, list[tuple[int, str]]]:
+    """Samples -> ((times_us, vitals, steps, stages) or None when none is valid, [(index, reason)])."""
+    try:
+        return _fast_columns(samples), []
+    except _NeedsSampleBySample:
+        pass
+    valid, rejected = [], []
+    for index, sample in enumerate(samples):
+        path = f"WearableUpload.samples[{index}]"
+        try:
+            validate_fields(VITAL_SAMPLE, from_json_fields(VITAL_SAMPLE, sample, path), path)
+            valid.append(sample)
+        except SchemaError as error:
+            rejected.append((index, str(error)))
+    return _fast_columns(valid), rejected
+
+
+def _fast_columns(samples: list) -> tuple | None:
+    """Column-wise conversion of well-formed samples; raises _NeedsSampleBySample on anything else."""
+    if not samples:
+        return None
+    for sample in samples:
+        if type(sample) is not dict or not sample.keys() <= _SAMPLE_FIELDS.keys():
+            raise _NeedsSampleBySample
+    times = _times_us([sample.get("event_time") for sample in samples])
+    vitals = np.empty((len(samples), len(VITAL_NAMES)))
+    for column, name in enumerate(VITAL_NAMES):
+        vitals[:, column] = _numbers([sample.get(name) for sample in samples], integer=False)
+    low, high = _VITAL_LIMITS[:, 0], _VITAL_LIMITS[:, 1]
+    present = ~np.isnan(vitals)
+    if np.any(present & ((vitals < low) | (vitals > high))):
+        raise _NeedsSampleBySample
+    steps = _numbers([sample.get("steps") for sample in samples], integer=True)
+    if np.any((steps < _STEPS.minimum) | (steps > _STEPS.maximum)):
+        raise _NeedsSampleBySample
+    stages = tuple(sample.get("sleep_stage") for sample in samples)
+    if any(stage is not None and stage not in _SLEEP_STAGES for stage in stages):
+        raise _NeedsSampleBySample
+    return times, vitals, steps, stages
+
+
+def _times_us(values: list) -> np.ndarray:
+    if all(type(v) is str and v.endswith("Z") for v in values):
+        try:
+            return np.array([v[:-1] for v in values], dtype="datetime64[us]").astype(np.int64)
+        except ValueError:
+            raise _NeedsSampleBySample from None
+    if all(isinstance(v, dt.datetime) and v.tzinfo is not None for v in values):
+        return np.array([to_micros(v) for v in values], dtype=np.int64)
+    raise _NeedsSampleBySample
+
+
+def _numbers(values: list, *, integer: bool) -> np.ndarray:
+    """Readings -> float64 with NaN for None; anything but a finite int (or float) needs the slow path."""
+    allowed = (int,) if integer else (int, float)
+    if any(v is not None and (type(v) not in allowed) for v in values):
+        raise _NeedsSampleBySample
+    column = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    if np.any(np.isinf(column)) or (not integer and any(v is not None and v != v for v in values)):
+        raise _NeedsSampleBySample
+    return column

@@ -1,0 +1,112 @@
+"""Per-window statistics of one imaging device's log: a CombineFn over `DeviceLogEvent` dicts.
+
+Device logs are low-volume (a heartbeat every 30 s, a few other events), so
+the accumulator keeps the events and the statistics are computed per pane.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import apache_beam as beam
+import numpy as np
+
+from transforms.decode import to_micros
+
+ERROR_SEVERITIES = ("error", "critical")
+DOWN_STATUSES = ("offline", "service")
+
+
+class DeviceStatsFn(beam.CombineFn):
+    """DeviceLogEvent* -> the raw material of a device_twin row (see `summarise_device_window`).
+
+    The window bounds are not known inside a CombineFn, so the heartbeat times are kept in the
+    output (``heartbeat_us``) and `heartbeat_features` finishes the job once they are.
+    """
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, events, event):
+        events.append(event)
+        return events
+
+    def merge_accumulators(self, accumulators):
+        return [event for events in accumulators for event in events]
+
+    def extract_output(self, events):
+        return summarise_device_window(events)
+
+
+def summarise_device_window(events: list[dict]) -> dict:
+    """Events of one device-window -> counts, last values and heartbeat times (sorted by event time)."""
+    events = sorted(events, key=lambda e: (e["event_time"], e["event_id"]))
+    errors = [e for e in events if e["severity"] in ERROR_SEVERITIES]
+    by_code = collections.Counter((e.get("code") or "unknown", e["severity"]) for e in errors)
+    temperatures = np.array([e["tube_temperature_c"] for e in events if e.get("tube_temperature_c") is not None])
+    statuses = [e for e in events if e.get("status") is not None]
+    config_changes = [e for e in events if e["kind"] == "config_change"]
+    maintenance = [e for e in events if e["kind"] == "maintenance"]
+
+    def last(field):
+        values = [e[field] for e in events if e.get(field) is not None]
+        return values[-1] if values else None
+
+    return {
+        "device_model": last("device_model"),
+        "event_count": len(events),
+        "status": statuses[-1]["status"] if statuses else None,
+        "down_since_us": _down_since_us(statuses),
+        "heartbeat_us": [to_micros(e["event_time"]) for e in events if e["kind"] == "heartbeat"],
+        "error_count": len(errors),
+        "critical_count": sum(e["severity"] == "critical" for e in events),
+        "warning_count": sum(e["severity"] == "warning" for e in events),
+        "error_counts": [{"code": code, "severity": severity, "count": count}
+                         for (code, severity), count in sorted(by_code.items())],
+        "exposure_count": sum(e.get("exposure_count") or 0 for e in events if e["kind"] == "exposure"),
+        "tube_temperature_mean": float(temperatures.mean()) if temperatures.size else None,
+        "tube_temperature_max": float(temperatures.max()) if temperatures.size else None,
+        "firmware_version": last("firmware_version"),
+        "config_version": last("config_version"),
+        "config_changed_at": config_changes[-1]["event_time"] if config_changes else None,
+        "maintenance_at": maintenance[-1]["event_time"] if maintenance else None,
+    }
+
+
+def _down_since_us(statuses: list[dict]) -> int | None:
+    """Start of the trailing offline/service period, if the last status says the device is down."""
+    if not statuses or statuses[-1]["status"] not in DOWN_STATUSES:
+        return None
+    since = statuses[-1]["event_time"]
+    for event in reversed(statuses):
+        if event["status"] not in DOWN_STATUSES:
+            break
+        since = event["event_time"]
+    return to_micros(since)
+
+
+def heartbeat_features(heartbeat_us: list[int], window_start_us: int, window_end_us: int,
+                       interval_s: float, down_since_us: int | None) -> dict:
+    """Heartbeat coverage of a window.
+
+    Returns ``heartbeat_count``; ``max_heartbeat_gap_s``, the longest silence including the window
+    edges; ``missed_heartbeats``, the heartbeats expected in the window (one per `interval_s`) that
+    did not arrive; and ``uptime_fraction``, the share of the window covered by heartbeats (each
+    vouches for one interval) and not after an offline/service status.
+    """
+    interval_us = interval_s * 1_000_000
+    edges = np.array([window_start_us, *sorted(heartbeat_us), window_end_us], dtype=np.float64)
+    gaps = np.diff(edges)
+    expected = round((window_end_us - window_start_us) / interval_us)
+    covered_until = window_end_us if down_since_us is None else min(window_end_us, down_since_us)
+    covered = 0.0
+    beats = np.array(sorted(heartbeat_us), dtype=np.float64)
+    if beats.size:
+        ends = np.minimum(np.r_[beats[1:], np.inf], beats + interval_us)
+        covered = float(np.clip(np.minimum(ends, covered_until) - beats, 0, None).sum())
+    return {
+        "heartbeat_count": len(heartbeat_us),
+        "max_heartbeat_gap_s": float(gaps.max()) / 1_000_000,
+        "missed_heartbeats": max(expected - len(heartbeat_us), 0),
+        "uptime_fraction": min(1.0, covered / (window_end_us - window_start_us)),
+    }

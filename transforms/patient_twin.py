@@ -1,0 +1,288 @@
+"""The patient twin: windowed vital signs, NEWS2, running baselines, and patient alerts.
+
+In:  ``chunks``        PCollection[(patient_key, SampleChunk)], event-timestamped (from decode);
+     ``observations``  PCollection[(patient_key, ClinicalObservation)] (consciousness, oxygen).
+Out: ``patient_twin``  rows of `schemas.PATIENT_TWIN` (one per pane, plus the final row per window);
+     ``alerts``        rows of `schemas.ALERTS` (NEWS2 band onsets, stale sensors);
+     ``dead_letters``  samples too late for their window.
+
+NEWS2 needs consciousness and supplemental oxygen, which no wearable measures.
+They come from the latest nurse observation at or before the window end (no
+older than `observation_max_age_hours`); without one they are listed in
+``news2_missing`` and never assumed normal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.dead_letters import DEAD_LETTERS
+from transforms.decode import SampleChunk, to_micros
+from transforms.news2 import score_news2
+from transforms.panes import PANE, AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
+from transforms.vital_stats import VitalStatsFn
+from transforms.windowing import ApplyWindowPolicy, WindowPolicy
+
+ALERTS = "alerts"
+OBSERVATION = "observation"
+_ELEVATED_BANDS = {"medium": 2, "high": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientTwinConfig:
+    """Patient-twin settings (window policy aside, all clinical or sensor assumptions).
+
+    Attributes:
+      policy: how wearable samples are windowed (default 1 minute, 2 hours lateness).
+      expected_sample_seconds: the wearable's nominal sampling interval, for completeness.
+      baseline_half_life_hours: half-life of the exponentially weighted baselines.
+      stale_after_seconds: a sensor silent this long is stale.
+      observation_max_age_hours: older nurse observations are not used for NEWS2.
+    """
+
+    policy: WindowPolicy = WindowPolicy()
+    expected_sample_seconds: float = 5.0
+    baseline_half_life_hours: float = 6.0
+    stale_after_seconds: int = 600
+    observation_max_age_hours: float = 12.0
+
+
+@dataclasses.dataclass
+class PatientHistory:
+    """What one patient's twin remembers across windows (state of `PatientStateFn`)."""
+
+    baseline_heart_rate: float | None = None
+    baseline_temperature_c: float | None = None
+    last_final_sample_us: int | None = None   # newest sample of the finalised windows
+    newest_sample_us: int | None = None       # newest sample seen in any pane
+    news2_alerted_level: int = 0              # 2 medium, 3 high: the episode's alerted level
+    news2_last_elevated_us: int | None = None  # window start of the latest medium/high window
+    observations: list = dataclasses.field(default_factory=list)  # [(event_us, consciousness, oxygen)]
+
+
+def _describe_chunk(key, chunk: SampleChunk):
+    payload = {"patient_key": key, "device_id": chunk.device_id, "samples": len(chunk.times_us),
+               "first_sample": as_datetime(chunk.times_us[0]).isoformat(),
+               "last_sample": as_datetime(chunk.times_us[-1]).isoformat()}
+    return payload, len(chunk.times_us)
+
+
+class PatientStateFn(beam.DoFn):
+    """(patient_key, ("pane", stats) | ("observation", obs)) -> patient_twin rows, and alerts.
+
+    Provisional rows (streaming panes) go out at once, judged against the history so far;
+    each window's final row goes out when it expires, in window order, and only then updates
+    the history, so final rows do not depend on arrival order.
+    """
+
+    PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())
+    HISTORY = ReadModifyWriteStateSpec("history", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+    STALE = TimerSpec("stale", TimeDomain.WATERMARK)
+
+    def __init__(self, config: PatientTwinConfig):
+        self._config = config
+        self._policy = config.policy
+        window_hours = self._policy.window_seconds / 3600
+        self._baseline_weight = 1 - 0.5 ** (window_hours / config.baseline_half_life_hours)
+        self._stale_us = config.stale_after_seconds * 1_000_000
+
+    def process(self, element, pending_state=beam.DoFn.StateParam(PENDING),
+                history_state=beam.DoFn.StateParam(HISTORY), expiry=beam.DoFn.TimerParam(EXPIRY),
+                stale=beam.DoFn.TimerParam(STALE)):
+        key, (kind, payload) = element
+        history = history_state.read() or PatientHistory()
+        if kind == OBSERVATION:
+            self._remember_observation(history, payload)
+            history_state.write(history)
+            return
+        pending = PendingWindows(self._policy, pending_state.read())
+        pane = payload
+        provisional = not pane["is_last"]
+        if provisional:
+            row, alerts = self._judge(key, pane, history, {"pane_index": pane["pane_index"],
+                                                           "pane_timing": pane["pane_timing"], "is_final": False})
+            yield row
+            yield from (TaggedOutput(ALERTS, alert) for alert in alerts)
+        pending.add(pane, emitted=provisional)
+        pending_state.write(pending.entries)
+        expiry.set(Timestamp(micros=pending.next_expiry_us()))
+        if self._policy.streaming and (history.newest_sample_us is None
+                                       or pane["last_sample_us"] > history.newest_sample_us):
+            history.newest_sample_us = pane["last_sample_us"]
+            stale.set(Timestamp(micros=history.newest_sample_us + self._stale_us))
+        history_state.write(history)
+
+    @on_timer(EXPIRY)
+    def on_expiry(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                  pending_state=beam.DoFn.StateParam(PENDING), history_state=beam.DoFn.StateParam(HISTORY),
+                  expiry=beam.DoFn.TimerParam(EXPIRY)):
+        pending = PendingWindows(self._policy, pending_state.read())
+        history = history_state.read() or PatientHistory()
+        for entry in pending.pop_due(fired.micros):
+            pane = entry["pane"]
+            row, alerts = self._judge(key, pane, history, final_pane_fields(entry))
+            at = pending.expiry_us(pane["window_start_us"])
+            yield TimestampedValue(row, Timestamp(micros=at))
+            yield from (TaggedOutput(ALERTS, TimestampedValue(alert, Timestamp(micros=at))) for alert in alerts)
+            self._learn(history, row, pane)
+        pending_state.write(pending.entries)
+        history_state.write(history)
+        if pending.next_expiry_us() is not None:
+            expiry.set(Timestamp(micros=pending.next_expiry_us()))
+
+    @on_timer(STALE)
+    def on_stale(self, key=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                 history_state=beam.DoFn.StateParam(HISTORY)):
+        history = history_state.read() or PatientHistory()
+        if history.newest_sample_us is not None and history.newest_sample_us + self._stale_us <= fired.micros:
+            alert = self._stale_alert(key, history.newest_sample_us)
+            yield TaggedOutput(ALERTS, TimestampedValue(alert, Timestamp(micros=fired.micros)))
+
+    # -- one window ---------------------------------------------------------------------------
+
+    def _judge(self, key, pane, history: PatientHistory, pane_fields: dict) -> tuple[dict, list[dict]]:
+        """The twin row for `pane` and the alerts it raises (one per onset: the history remembers)."""
+        row = self._row(key, pane, history, pane_fields)
+        alerts = []
+        band_level = _ELEVATED_BANDS.get(row["news2_band"], 0)
+        if band_level > history.news2_alerted_level:
+            history.news2_alerted_level = band_level
+            alerts.append(self._news2_alert(key, row))
+        if band_level:
+            history.news2_last_elevated_us = max(history.news2_last_elevated_us or 0, pane["window_start_us"])
+        if not self._policy.streaming and row["stale"]:
+            alerts.append(self._stale_alert(key, history.last_final_sample_us))
+        return row, alerts
+
+    def _row(self, key, pane, history: PatientHistory, pane_fields: dict) -> dict:
+        consciousness, oxygen = self._observation_at(history, pane["window_end_us"])
+        news2 = score_news2(
+            respiratory_rate=pane["respiratory_rate_mean"], spo2=pane["spo2_mean"],
+            systolic_bp=pane["systolic_bp_mean"], heart_rate=pane["heart_rate_mean"],
+            temperature_c=pane["temperature_c_mean"], consciousness=consciousness, supplemental_oxygen=oxygen,
+        )
+        expected = self._policy.window_seconds / self._config.expected_sample_seconds
+        stats = {name: value for name, value in pane.items()
+                 if not name.endswith("_us") and name not in ("pane_index", "pane_timing", "is_last")}
+        heart_rate = pane["heart_rate_mean"]
+        return {
+            "patient_key": key,
+            **window_fields(pane),
+            **pane_fields,
+            **stats,
+            "completeness": min(1.0, pane["sample_count"] / expected),
+            "consciousness": consciousness,
+            "supplemental_oxygen": oxygen,
+            "news2_score": news2.score,
+            "news2_band": news2.band,
+            "news2_missing": list(news2.missing),
+            "baseline_heart_rate": history.baseline_heart_rate,
+            "baseline_temperature_c": history.baseline_temperature_c,
+            "heart_rate_trend": (heart_rate - history.baseline_heart_rate
+                                 if heart_rate is not None and history.baseline_heart_rate is not None else None),
+            "stale": (history.last_final_sample_us is not None
+                      and pane["first_sample_us"] - history.last_final_sample_us > self._stale_us),
+        }
+
+    def _learn(self, history: PatientHistory, row: dict, pane: dict) -> None:
+        """Folds a final window into the baselines, and ends a NEWS2 episode on a calmer later window."""
+        history.baseline_heart_rate = self._ewma(history.baseline_heart_rate, pane["heart_rate_mean"])
+        history.baseline_temperature_c = self._ewma(history.baseline_temperature_c, pane["temperature_c_mean"])
+        history.last_final_sample_us = max(history.last_final_sample_us or 0, pane["last_sample_us"])
+        calmer = row["news2_band"] not in _ELEVATED_BANDS
+        if calmer and pane["window_start_us"] > (history.news2_last_elevated_us or -1):
+            history.news2_alerted_level = 0
+
+    def _ewma(self, baseline: float | None, value: float | None) -> float | None:
+        if value is None:
+            return baseline
+        if baseline is None:
+            return value
+        return baseline + self._baseline_weight * (value - baseline)
+
+    # -- observations --------------------------------------------------------------------------
+
+    def _remember_observation(self, history: PatientHistory, observation: dict) -> None:
+        entry = (to_micros(observation["event_time"]), observation.get("consciousness"),
+                 observation.get("supplemental_oxygen"))
+        history.observations = sorted(history.observations + [entry])[-64:]
+
+    def _observation_at(self, history: PatientHistory, at_us: int):
+        """(consciousness, supplemental_oxygen) from the latest observations at or before `at_us`."""
+        oldest = at_us - int(self._config.observation_max_age_hours * 3600 * 1_000_000)
+        consciousness = oxygen = None
+        for event_us, level, on_oxygen in history.observations:
+            if event_us > at_us:
+                break
+            if event_us < oldest:
+                continue
+            consciousness = level if level is not None else consciousness
+            oxygen = on_oxygen if on_oxygen is not None else oxygen
+        return consciousness, oxygen
+
+    # -- alerts --------------------------------------------------------------------------------
+
+    def _news2_alert(self, key, row) -> dict:
+        evidence = {name: row[name] for name in (
+            "news2_score", "news2_band", "news2_missing", "respiratory_rate_mean", "spo2_mean", "systolic_bp_mean",
+            "heart_rate_mean", "temperature_c_mean", "consciousness", "supplemental_oxygen", "pane_index", "is_final")}
+        onset = row["window_start"]
+        return {
+            "alert_id": f"news2_band:{key}:{onset.isoformat()}:{row['news2_band']}",
+            "kind": "news2_band", "subject_type": "patient", "subject_id": key,
+            "severity": "urgent" if row["news2_band"] == "high" else "warning",
+            "onset_time": onset, "window_end": row["window_end"],
+            "message": f"NEWS2 {row['news2_score']} ({row['news2_band']} clinical risk)"
+                       + (f"; not measured: {', '.join(row['news2_missing'])}" if row["news2_missing"] else ""),
+            "evidence": json.dumps(evidence, default=str, sort_keys=True),
+        }
+
+    def _stale_alert(self, key, last_sample_us: int) -> dict:
+        onset = as_datetime(last_sample_us + self._stale_us)
+        minutes = self._config.stale_after_seconds / 60
+        return {
+            "alert_id": f"sensor_stale:{key}:{onset.isoformat()}",
+            "kind": "sensor_stale", "subject_type": "patient", "subject_id": key, "severity": "warning",
+            "onset_time": onset, "window_end": None,
+            "message": f"no wearable sample for more than {minutes:g} minutes",
+            "evidence": json.dumps({"last_sample": as_datetime(last_sample_us).isoformat(),
+                                    "stale_after_seconds": self._config.stale_after_seconds}),
+        }
+
+
+class PatientTwin(beam.PTransform):
+    """Wearable chunks + nurse observations -> patient_twin rows, patient alerts, too-late dead letters."""
+
+    def __init__(self, config: PatientTwinConfig = PatientTwinConfig()):
+        super().__init__()
+        self._config = config
+
+    def expand(self, inputs):
+        policy = self._config.policy
+        windowed = inputs["chunks"] | "WindowSamples" >> ApplyWindowPolicy(
+            policy, stage="window_wearables", describe=_describe_chunk)
+        panes = (
+            windowed["windowed"]
+            | "VitalStatsPerWindow" >> beam.CombinePerKey(VitalStatsFn())
+            | "AttachPane" >> AttachPane(policy.streaming)
+        )
+        observations = inputs["observations"] | "TagObservations" >> beam.Map(
+            lambda kv: (kv[0], (OBSERVATION, kv[1])))
+        outputs = (
+            (panes, observations)
+            | "PanesAndObservations" >> beam.Flatten()
+            | "PatientState" >> beam.ParDo(PatientStateFn(self._config)).with_outputs(ALERTS, main="patient_twin")
+        )
+        return {"patient_twin": outputs.patient_twin, ALERTS: outputs[ALERTS],
+                DEAD_LETTERS: windowed[DEAD_LETTERS]}
+

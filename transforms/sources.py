@@ -1,0 +1,254 @@
+"""Sources: every way an input stream reaches the pipeline, all ending as `RawRecord`s.
+
+* `ReadLandedFiles`   batch: the files of one stream under ``DIR/<stream>/date=*/``
+  (JSON Lines ``*.jsonl`` or Avro ``*.avro``), as written by the simulator or a
+  landing bucket.
+* `ReplayLandedFiles` local streaming: the same files replayed in arrival order
+  through a `TestStream`, the watermark trailing arrival time by a fixed lag, so
+  early, on-time, late and too-late data happen as they would live (DirectRunner).
+* `WatchLandingDirectory` local/live streaming: new files picked up as they land
+  (`fileio.MatchContinuously`); event times should be close to now.
+* `ReadPubSubStream`  Dataflow: a Pub/Sub subscription, message data = one JSON
+  record, arrival = publish time.
+* `ReadKafkaStream`   Flink: a Kafka topic (cross-language; needs the Java
+  expansion service), value = one JSON record, arrival = record timestamp.
+
+Decoding (`transforms.decode`) is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import re
+from typing import Iterator
+
+import apache_beam as beam
+import fastavro
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.decode import RawRecord, UnreadableInput, to_micros
+
+STREAMS = ("wearables", "observations", "device_logs", "dicom_refs")
+_PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/[^/]*?-(\d{2})\.(jsonl|avro)$")
+
+
+def arrival_from_path(path: str) -> dt.datetime:
+    """``.../date=2026-03-02/wearables-06.jsonl`` -> 2026-03-02T06:00Z (start of the file's hour)."""
+    match = _PARTITION.search(path.replace(os.sep, "/"))
+    if not match:
+        raise ValueError(f"{path} is not in the landing layout <stream>/date=YYYY-MM-DD/<stream>-HH.(jsonl|avro)")
+    day, hour = match.group(1), int(match.group(2))
+    return dt.datetime.fromisoformat(day).replace(hour=hour, tzinfo=dt.timezone.utc)
+
+
+def stream_pattern(input_dir: str, stream: str, extension: str) -> str:
+    return FileSystems.join(input_dir, stream, "date=*", f"*.{extension}")
+
+
+def records_in_file(path: str, data: bytes, relative_to: str = "") -> Iterator[RawRecord]:
+    """One landed file -> its RawRecords (JSONL: one per non-empty line; Avro: one per record).
+
+    An Avro file that cannot be read (from the damaged record on) yields one RawRecord whose
+    payload is an `UnreadableInput`, so the decoder dead-letters it rather than the rest vanishing.
+    """
+    arrival = arrival_from_path(path)
+    name = os.path.relpath(path, relative_to) if relative_to else path
+    if path.endswith(".jsonl"):
+        for number, line in enumerate(data.splitlines(), start=1):
+            if line.strip():
+                yield RawRecord(f"{name}:{number}", line, arrival)
+        return
+    try:
+        for number, record in enumerate(fastavro.reader(io.BytesIO(data)), start=1):
+            yield RawRecord(f"{name}#{number}", record, arrival)
+    except Exception as error:  # fastavro raises many exception types on damaged files
+        yield RawRecord(name, UnreadableInput(f"unreadable Avro file: {type(error).__name__}: {error}"), arrival)
+
+
+class ReadLandedFiles(beam.PTransform):
+    """Batch: DIR/<stream>/date=*/*.{jsonl,avro} -> RawRecord, timestamped at arrival."""
+
+    def __init__(self, input_dir: str, stream: str):
+        super().__init__()
+        self._input_dir = input_dir
+        self._stream = stream
+
+    def expand(self, pipeline):
+        root = self._input_dir
+        patterns = [stream_pattern(root, self._stream, ext) for ext in ("jsonl", "avro")]
+        return (
+            pipeline
+            | "Patterns" >> beam.Create(patterns)
+            | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+            | "Open" >> fileio.ReadMatches()
+            | "Records" >> beam.FlatMap(lambda f: records_in_file(f.metadata.path, f.read(), root))
+            | "AtArrival" >> beam.Map(lambda r: TimestampedValue(r, Timestamp(micros=to_micros(r.arrival_time))))
+        )
+
+
+def landed_records(input_dir: str, stream: str) -> list[RawRecord]:
+    """All RawRecords of a stream, read eagerly, in arrival order (for replay)."""
+    records = []
+    for extension in ("jsonl", "avro"):
+        match = FileSystems.match([stream_pattern(input_dir, stream, extension)])[0]
+        for metadata in sorted(match.metadata_list, key=lambda m: m.path):
+            with FileSystems.open(metadata.path) as handle:
+                records.extend(records_in_file(metadata.path, handle.read(), input_dir))
+    return sorted(records, key=lambda r: r.arrival_time)
+
+
+def _arrival_of(record: RawRecord) -> dt.datetime:
+    """Finer arrival than the file's hour: the record's own upload/event/observation time if it has one."""
+    payload = record.payload
+    if isinstance(payload, UnreadableInput):
+        return record.arrival_time
+    if isinstance(payload, dict):
+        value = payload.get("event_time") or payload.get("acquisition_time")
+        return value if isinstance(value, dt.datetime) else record.arrival_time
+    match = re.search(rb'"(upload_time|event_time)"\s*:\s*"([^"]+)"', payload)
+    if not match:
+        return record.arrival_time
+    try:
+        parsed = dt.datetime.fromisoformat(match.group(2).decode().replace("Z", "+00:00"))
+    except ValueError:
+        return record.arrival_time
+    return parsed if parsed.tzinfo else record.arrival_time
+
+
+def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int,
+                  watermark_lag_seconds: int) -> TestStream:
+    """A TestStream of (stream, RawRecord) in arrival order.
+
+    Records are released in steps of `step_seconds` of arrival time; after each step the
+    watermark moves to (step end - `watermark_lag_seconds`), the way a Pub/Sub watermark trails
+    publish time. Processing time advances with the steps, so early panes fire.
+    """
+    tagged = []
+    for stream in streams:
+        for record in landed_records(input_dir, stream):
+            arrival = _arrival_of(record)
+            tagged.append((arrival, stream, record._replace(arrival_time=arrival)))
+    tagged.sort(key=lambda item: (item[0], item[1], item[2].source))
+    events = TestStream()
+    if not tagged:
+        return events.advance_watermark_to_infinity()
+    step = dt.timedelta(seconds=step_seconds)
+    start = tagged[0][0]
+    index = 0
+    while index < len(tagged):
+        step_end = start + step
+        batch = []
+        while index < len(tagged) and tagged[index][0] < step_end:
+            arrival, stream, record = tagged[index]
+            batch.append(TimestampedValue((stream, record), Timestamp(micros=to_micros(arrival))))
+            index += 1
+        if batch:
+            events = events.add_elements(batch)
+        watermark = step_end - dt.timedelta(seconds=watermark_lag_seconds)
+        events = events.advance_watermark_to(Timestamp(micros=to_micros(watermark)))
+        events = events.advance_processing_time(step_seconds)
+        start = step_end
+    return events.advance_watermark_to_infinity()
+
+
+class ReplayLandedFiles(beam.PTransform):
+    """Local streaming: landed files -> {stream: PCollection[RawRecord]} replayed in arrival order."""
+
+    def __init__(self, input_dir: str, streams: tuple[str, ...] = STREAMS, *, step_seconds: int = 60,
+                 watermark_lag_seconds: int = 600):
+        super().__init__()
+        self._input_dir = input_dir
+        self._streams = streams
+        self._step_seconds = step_seconds
+        self._lag = watermark_lag_seconds
+
+    def expand(self, pipeline):
+        replay = pipeline | "Replay" >> replay_stream(
+            self._input_dir, self._streams, step_seconds=self._step_seconds, watermark_lag_seconds=self._lag)
+        return {
+            stream: replay | f"Only_{stream}" >> beam.Filter(lambda item, s=stream: item[0] == s)
+            | f"Record_{stream}" >> beam.Map(lambda item: item[1])
+            for stream in self._streams
+        }
+
+
+class WatchLandingDirectory(beam.PTransform):
+    """Live streaming: new files of one stream under DIR/<stream>/date=*/ -> RawRecord as they land."""
+
+    def __init__(self, input_dir: str, stream: str, *, interval_seconds: float = 10.0):
+        super().__init__()
+        self._input_dir = input_dir
+        self._stream = stream
+        self._interval = interval_seconds
+
+    def expand(self, pipeline):
+        root = self._input_dir
+        matches = [
+            pipeline | f"Watch_{ext}" >> fileio.MatchContinuously(
+                stream_pattern(root, self._stream, ext), interval=self._interval)
+            for ext in ("jsonl", "avro")
+        ]
+        return (
+            matches
+            | "BothFormats" >> beam.Flatten()
+            | "Open" >> fileio.ReadMatches()
+            | "Records" >> beam.FlatMap(lambda f: records_in_file(f.metadata.path, f.read(), root))
+        )
+
+
+def pubsub_to_raw(message, subscription: str) -> RawRecord:
+    """A `PubsubMessage` (data = one JSON record) -> RawRecord; arrival = publish time."""
+    published = message.publish_time or dt.datetime.now(dt.timezone.utc)
+    if published.tzinfo is None:
+        published = published.replace(tzinfo=dt.timezone.utc)
+    message_id = message.message_id or (message.attributes or {}).get("id", "")
+    return RawRecord(f"pubsub:{subscription}#{message_id}", message.data, published)
+
+
+class ReadPubSubStream(beam.PTransform):
+    """Dataflow: a Pub/Sub subscription -> RawRecord. Flag: ``--pubsub_<stream>=projects/P/subscriptions/S``."""
+
+    def __init__(self, subscription: str):
+        super().__init__()
+        self._subscription = subscription
+
+    def expand(self, pipeline):
+        subscription = self._subscription
+        return (
+            pipeline
+            | "ReadPubSub" >> beam.io.ReadFromPubSub(subscription=subscription, with_attributes=True)
+            | "ToRawRecord" >> beam.Map(lambda message: pubsub_to_raw(message, subscription))
+        )
+
+
+def kafka_to_raw(record, topic: str) -> RawRecord:
+    """A Kafka record (``with_metadata=True``: has value, partition, offset, timestamp ms) -> RawRecord."""
+    arrival = dt.datetime.fromtimestamp(record.timestamp / 1000, tz=dt.timezone.utc)
+    return RawRecord(f"kafka:{topic}/{record.partition}@{record.offset}", record.value, arrival)
+
+
+class ReadKafkaStream(beam.PTransform):
+    """Flink: a Kafka topic -> RawRecord. Flags: ``--kafka_bootstrap host:9092 --kafka_<stream>=topic``."""
+
+    def __init__(self, bootstrap_servers: str, topic: str):
+        super().__init__()
+        self._bootstrap = bootstrap_servers
+        self._topic = topic
+
+    def expand(self, pipeline):
+        from apache_beam.io.kafka import ReadFromKafka
+
+        topic = self._topic
+        return (
+            pipeline
+            | "ReadKafka" >> ReadFromKafka(
+                consumer_config={"bootstrap.servers": self._bootstrap, "group.id": "medtwin"},
+                topics=[topic], with_metadata=True)
+            | "ToRawRecord" >> beam.Map(lambda record: kafka_to_raw(record, topic))
+        )

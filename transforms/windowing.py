@@ -1,0 +1,186 @@
+"""The windowing policy, in one place: event-time windows, triggers, lateness, and too-late data.
+
+`ApplyWindowPolicy` takes a keyed, event-timestamped PCollection and returns
+it windowed for aggregation, plus a dead-letter PCollection of elements that
+arrived later than the allowed lateness.
+
+Why a gate: Beam drops data that reaches a window after
+``window end + allowed lateness`` without telling anyone, and a Python DoFn
+cannot read the watermark to catch it first (apache/beam#23379). The gate is a
+stateful DoFn over a few shards whose event-time "tick" timers fire every
+``tick_seconds`` as the watermark passes. A fired tick at T proves the
+watermark reached T, so an element whose window expired at or before T is
+too late, and becomes a dead letter. A pending tick at T + tick also *holds*
+the gate's output watermark at or below it, so an element the gate lets
+through can be at most one tick behind: windows therefore keep
+``allowed_lateness + tick`` before Beam would drop anything, and nothing the
+gate forwards is ever dropped. Data between ``allowed_lateness`` and
+``allowed_lateness + tick`` late may still be aggregated as a late pane; data
+beyond that is always a dead letter. Shards tick for as long as the job runs
+(a few timers per tick), so an idle shard still knows the watermark; a timer
+at the end of time stops them when a bounded input is exhausted. Residual: a
+shard's very first element arrives before its first tick, when nothing is
+known; it is forwarded, and if it was already later than the lateness the
+window drops it (Beam counts it; on Dataflow, ``droppedDueToLateness``).
+
+Panes: early panes every ``early_firing_seconds`` of processing time, one
+on-time pane when the watermark passes the window end, a late pane for each
+late arrival; accumulating, so each pane is a complete refinement and the
+latest pane of a window is its best answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import zlib
+from typing import Any, Callable
+
+import apache_beam as beam
+from apache_beam.coders import VarIntCoder
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms import trigger, window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from transforms.dead_letters import DEAD_LETTERS, dead_letter
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPolicy:
+    """How one stream is windowed.
+
+    Attributes:
+      window_seconds: fixed event-time window length.
+      allowed_lateness_seconds: how long after a window's end its late data is still accepted.
+      early_firing_seconds: processing-time delay between early panes (streaming only).
+      streaming: unbounded input; enables early/late panes and the too-late gate.
+      tick_seconds: resolution of the gate's watermark tracking (also the lateness slack).
+      gate_shards: stateful shards of the gate; each one ticks independently.
+    """
+
+    window_seconds: int = 60
+    allowed_lateness_seconds: int = 2 * 3600
+    early_firing_seconds: int = 30
+    streaming: bool = False
+    tick_seconds: int = 300
+    gate_shards: int = 4
+
+    def __post_init__(self):
+        if self.window_seconds <= 0:
+            raise ValueError(f"window_seconds must be positive, got {self.window_seconds}")
+        if self.allowed_lateness_seconds < 0:
+            raise ValueError(f"allowed_lateness_seconds must be >= 0, got {self.allowed_lateness_seconds}")
+        if self.tick_seconds <= 0:
+            raise ValueError(f"tick_seconds must be positive, got {self.tick_seconds}")
+
+    def window_expiry_us(self, timestamp_us: int) -> int:
+        """The event time at which the window holding `timestamp_us` stops accepting data."""
+        size = self.window_seconds * 1_000_000
+        return (timestamp_us // size + 1) * size + self.allowed_lateness_seconds * 1_000_000
+
+
+def _shard(key: Any, shards: int) -> int:
+    return zlib.crc32(repr(key).encode("utf-8")) % shards
+
+
+@beam.typehints.with_input_types(tuple[int, Any])
+@beam.typehints.with_output_types(tuple[Any, Any])
+class _TooLateGateFn(beam.DoFn):
+    """(shard, (key, value)) -> (key, value), or a ``too late`` dead letter. See the module docstring."""
+
+    CLOSED_THROUGH = ReadModifyWriteStateSpec("closed_through_us", VarIntCoder())
+    STARTED = ReadModifyWriteStateSpec("started", VarIntCoder())
+    ENDED = ReadModifyWriteStateSpec("ended", VarIntCoder())
+    TICK = TimerSpec("tick", TimeDomain.WATERMARK)
+    END_OF_INPUT = TimerSpec("end_of_input", TimeDomain.WATERMARK)
+
+    def __init__(self, policy: WindowPolicy, stage: str, describe: Callable[[Any, Any], tuple[Any, int]]):
+        self._policy = policy
+        self._stage = stage
+        self._describe = describe
+        self._tick_us = policy.tick_seconds * 1_000_000
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam,
+                closed_state=beam.DoFn.StateParam(CLOSED_THROUGH), started=beam.DoFn.StateParam(STARTED),
+                tick=beam.DoFn.TimerParam(TICK), end_of_input=beam.DoFn.TimerParam(END_OF_INPUT)):
+        _, (key, value) = element
+        micros = timestamp.micros
+        closed_through = closed_state.read()
+        if closed_through is not None and self._policy.window_expiry_us(micros) <= closed_through:
+            yield self._too_late(key, value, micros, closed_through)
+            return
+        if not started.read():
+            started.write(1)
+            tick.set(Timestamp(micros=(micros // self._tick_us + 1) * self._tick_us))
+            end_of_input.set(GlobalWindow().max_timestamp())
+        yield key, value
+
+    @on_timer(TICK)
+    def on_tick(self, fired=beam.DoFn.TimestampParam, closed_state=beam.DoFn.StateParam(CLOSED_THROUGH),
+                ended=beam.DoFn.StateParam(ENDED), tick=beam.DoFn.TimerParam(TICK)):
+        closed_state.write(fired.micros)
+        if not ended.read():
+            tick.set(Timestamp(micros=fired.micros + self._tick_us))
+
+    @on_timer(END_OF_INPUT)
+    def on_end_of_input(self, ended=beam.DoFn.StateParam(ENDED)):
+        ended.write(1)  # the watermark reached the end of time: a bounded input is done, stop ticking
+
+    def _too_late(self, key, value, micros: int, closed_through: int) -> TaggedOutput:
+        payload, count = self._describe(key, value)
+        expiry = self._policy.window_expiry_us(micros)
+        return TaggedOutput(DEAD_LETTERS, dead_letter(
+            self._stage,
+            f"too late: event time {_iso(micros)} is in a window that closed at {_iso(expiry)} "
+            f"(allowed lateness {self._policy.allowed_lateness_seconds} s); the watermark had passed "
+            f"{_iso(closed_through)}",
+            payload, recorded_at=EPOCH + dt.timedelta(microseconds=closed_through),
+            event_time=EPOCH + dt.timedelta(microseconds=micros), record_count=count,
+        ))
+
+
+def _iso(micros: int) -> str:
+    return (EPOCH + dt.timedelta(microseconds=micros)).isoformat()
+
+
+class ApplyWindowPolicy(beam.PTransform):
+    """Keyed, timestamped elements -> the same, windowed per `WindowPolicy`; too-late ones to dead letters.
+
+    Returns a dict: ``{"windowed": PCollection[(key, value)], "dead_letters": PCollection[dict]}``.
+    `describe(key, value) -> (payload, record_count)` builds the dead-letter payload (already
+    free of identifiers) and says how many input records the element stands for.
+    """
+
+    def __init__(self, policy: WindowPolicy, *, stage: str, describe: Callable[[Any, Any], tuple[Any, int]]):
+        super().__init__()
+        self._policy = policy
+        self._stage = stage
+        self._describe = describe
+
+    def expand(self, keyed):
+        policy = self._policy
+        if policy.streaming:
+            gated = (
+                keyed
+                | "ShardForGate" >> beam.Map(lambda kv, n=policy.gate_shards: (_shard(kv[0], n), kv))
+                | "DeadLetterTooLate" >> beam.ParDo(_TooLateGateFn(policy, self._stage, self._describe))
+                .with_outputs(DEAD_LETTERS, main="on_time")
+            )
+            keyed, too_late = gated.on_time, gated[DEAD_LETTERS]
+            windowing = dict(
+                trigger=trigger.AfterWatermark(
+                    early=trigger.AfterProcessingTime(policy.early_firing_seconds),
+                    late=trigger.AfterCount(1)),
+                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                allowed_lateness=Duration(seconds=policy.allowed_lateness_seconds + policy.tick_seconds),
+            )
+        else:
+            too_late = keyed.pipeline | "NoTooLateInBatch" >> beam.Create([])
+            windowing = {}
+        windowed = keyed | "FixedWindows" >> beam.WindowInto(window.FixedWindows(policy.window_seconds), **windowing)
+        return {"windowed": windowed, DEAD_LETTERS: too_late}
