@@ -40,7 +40,8 @@ setuptools.setup(
     description="Streaming digital twins of patients and imaging devices, with "
     "Cascade R-CNN detection of COVID-19 opacities on chest X-rays.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["pipelines*", "transforms*", "model*", "schemas*", "launch*"]),
+    packages=setuptools.find_packages(
+        include=["pipelines*", "transforms*", "model*", "schemas*", "launch*", "simulator*"]),
     package_data={"model": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=REQUIRED,
     extras_require={"test": TEST},

@@ -32,10 +32,12 @@ class SourceConfig:
       subscriptions: stream -> Pub/Sub subscription, for pubsub.
       kafka_bootstrap, topics: Kafka servers and stream -> topic, for kafka.
       replay_step_seconds, replay_watermark_lag_seconds: replay pacing (see `ReplayLandedFiles`).
+      dates: arrival days to read (``YYYY-MM-DD``), for backfills; None reads every day.
     """
 
     kind: str = "files"
     input_dir: str | None = None
+    dates: tuple | None = None
     subscriptions: dict = dataclasses.field(default_factory=dict)
     kafka_bootstrap: str | None = None
     topics: dict = dataclasses.field(default_factory=dict)
@@ -84,7 +86,8 @@ class JobConfig:
                 subscriptions={s: getattr(args, f"pubsub_{s}") for s in STREAMS if getattr(args, f"pubsub_{s}")},
                 kafka_bootstrap=args.kafka_bootstrap,
                 topics={s: getattr(args, f"kafka_{s}") for s in STREAMS if getattr(args, f"kafka_{s}")},
-                replay_step_seconds=args.replay_step, replay_watermark_lag_seconds=args.replay_watermark_lag),
+                replay_step_seconds=args.replay_step, replay_watermark_lag_seconds=args.replay_watermark_lag,
+                dates=getattr(args, "dates", None)),
             sink=SinkConfig(kind="bigquery" if args.bigquery_dataset else "parquet",
                             output=args.bigquery_dataset or args.output, streaming=streaming),
             patient=PatientTwinConfig(policy=patient_policy, expected_sample_seconds=args.expected_sample_seconds,

@@ -54,7 +54,7 @@ class ReadStreams(beam.PTransform):
         streams = {}
         for stream in STREAMS:
             if source.kind == "files":
-                reader = ReadLandedFiles(source.input_dir, stream)
+                reader = ReadLandedFiles(source.input_dir, stream, source.dates)
             elif source.kind == "watch":
                 reader = WatchLandingDirectory(source.input_dir, stream)
             elif source.kind == "pubsub" and stream in source.subscriptions:

@@ -36,25 +36,39 @@ def pipeline_options(beam_args: list[str], *, streaming: bool):
     return options
 
 
-def run(args: argparse.Namespace) -> int:
+def execute(config, beam_args: list[str]) -> None:
+    """Builds the graph for `config` and runs it to completion with `beam_args`."""
     import apache_beam as beam
 
-    from pipelines.config import JobConfig
     from pipelines.graph import build_pipeline
-    from pipelines.query import print_summary
+
+    started = time.monotonic()
+    print(f"medtwin: {config.source.kind} source, {'streaming' if config.streaming else 'batch'}, "
+          f"writing {config.sink.kind} to {config.sink.output}", file=sys.stderr)
+    with beam.Pipeline(options=pipeline_options(beam_args, streaming=config.streaming)) as pipeline:
+        build_pipeline(pipeline, config)
+    print(f"medtwin: finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
+def job_config_or_exit(args: argparse.Namespace, command: str):
+    """The validated JobConfig, or None after printing why not."""
+    from pipelines.config import JobConfig
     from transforms.pseudonymise import MissingKeyError
 
     try:
-        config = JobConfig.from_args(args)
+        return JobConfig.from_args(args)
     except (ValueError, MissingKeyError) as error:
-        print(f"medtwin run: {error}", file=sys.stderr)
+        print(f"medtwin {command}: {error}", file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.query import print_summary
+
+    config = job_config_or_exit(args, "run")
+    if config is None:
         return 2
-    started = time.monotonic()
-    print(f"medtwin run: {config.source.kind} source, {'streaming' if config.streaming else 'batch'}, "
-          f"writing {config.sink.kind} to {config.sink.output}", file=sys.stderr)
-    with beam.Pipeline(options=pipeline_options(args.beam_args, streaming=config.streaming)) as pipeline:
-        build_pipeline(pipeline, config)
-    print(f"medtwin run: finished in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    execute(config, args.beam_args)
     if config.sink.kind == "parquet" and "://" not in config.sink.output:
         print_summary(config.sink.output)
     return 0

@@ -286,14 +286,6 @@ def validate_fields(fields: Sequence[Field], record: Any, path: str) -> None:
     _check_fields(fields, record, path)
 
 
-def is_valid(record_def: RecordDef, record: Any) -> bool:
-    try:
-        validate(record_def, record)
-    except SchemaError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------- JSON
 
 

@@ -216,3 +216,12 @@ def test_device_events_reject_unknown_kinds():
     }
     with pytest.raises(SchemaError, match=r"DeviceLogEvent.kind: 'explosion' is not one of"):
         validate(DEVICE_LOG_EVENT, event)
+
+
+def test_the_data_model_document_is_current():
+    import pathlib
+
+    from schemas.docs import render_markdown
+
+    document = pathlib.Path(__file__).parent.parent / "docs" / "DATA_MODEL.md"
+    assert document.read_text() == render_markdown(), "run: python -m schemas.docs > docs/DATA_MODEL.md"

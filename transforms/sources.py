@@ -47,8 +47,9 @@ def arrival_from_path(path: str) -> dt.datetime:
     return dt.datetime.fromisoformat(day).replace(hour=hour, tzinfo=dt.timezone.utc)
 
 
-def stream_pattern(input_dir: str, stream: str, extension: str) -> str:
-    return FileSystems.join(input_dir, stream, "date=*", f"*.{extension}")
+def stream_pattern(input_dir: str, stream: str, extension: str, date: str = "*") -> str:
+    """Glob of one stream's landed files: all days, or one ``YYYY-MM-DD``."""
+    return FileSystems.join(input_dir, stream, f"date={date}", f"*.{extension}")
 
 
 def records_in_file(path: str, data: bytes, relative_to: str = "") -> Iterator[RawRecord]:
@@ -72,16 +73,20 @@ def records_in_file(path: str, data: bytes, relative_to: str = "") -> Iterator[R
 
 
 class ReadLandedFiles(beam.PTransform):
-    """Batch: DIR/<stream>/date=*/*.{jsonl,avro} -> RawRecord, timestamped at arrival."""
+    """Batch: DIR/<stream>/date=*/*.{jsonl,avro} -> RawRecord, timestamped at arrival.
 
-    def __init__(self, input_dir: str, stream: str):
+    `dates` (``YYYY-MM-DD`` strings) limits the read to those arrival days, for backfills.
+    """
+
+    def __init__(self, input_dir: str, stream: str, dates: tuple[str, ...] | None = None):
         super().__init__()
         self._input_dir = input_dir
         self._stream = stream
+        self._dates = dates or ("*",)
 
     def expand(self, pipeline):
         root = self._input_dir
-        patterns = [stream_pattern(root, self._stream, ext) for ext in ("jsonl", "avro")]
+        patterns = [stream_pattern(root, self._stream, ext, date) for date in self._dates for ext in ("jsonl", "avro")]
         return (
             pipeline
             | "Patterns" >> beam.Create(patterns)

@@ -1,0 +1,57 @@
+"""The medtwin command line: every subcommand has help; job flags are validated before any graph."""
+
+import pytest
+
+from pipelines.cli import SUBCOMMAND_MODULES, build_parser, main
+
+
+@pytest.mark.parametrize("command", ["simulate", "run", "query", "train", "evaluate", "backfill", "launch"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+def test_the_parser_knows_every_module():
+    assert len(SUBCOMMAND_MODULES) == 7
+    build_parser()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--demo"], "--source files needs --input DIR"),
+    (["run", "--input", "x", "--demo", "--source", "pubsub", "--streaming"], "needs at least one --pubsub_"),
+    (["run", "--input", "x", "--demo", "--source", "replay"], "is unbounded: add --streaming"),
+    (["run", "--input", "x"], "no pseudonymisation key"),
+    (["launch", "--input", "x", "--demo", "--engine", "dataflow", "--project", "p", "--region", "r",
+      "--temp_location", "/tmp"], "must be a gs:// path"),
+    (["backfill", "--input", "x", "--demo", "--start", "2026-03-02", "--end", "2026-03-01"], "is before --start"),
+])
+def test_conflicting_job_flags_are_refused_with_a_reason(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("MEDTWIN_PSEUDONYM_KEY", raising=False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_flags_are_beam_options_only_for_pipeline_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["query", "out", "--runner", "DataflowRunner"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_dataflow_launch_dry_run_prints_the_engine_flags(capsys):
+    assert main(["launch", "--input", "gs://landing", "--demo", "--engine", "dataflow", "--project", "p",
+                 "--region", "europe-west4", "--temp_location", "gs://b/tmp", "--gpu", "nvidia-tesla-t4",
+                 "--dry_run"]) == 0
+    flags = capsys.readouterr().out
+    for expected in ("--runner=DataflowRunner", "--setup_file=", "--project=p",
+                     "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"):
+        assert expected in flags
+
+
+def test_backfill_runs_one_job_per_arrival_day(capsys):
+    assert main(["backfill", "--input", "x", "--demo", "--start", "2026-03-01", "--end", "2026-03-03",
+                 "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[4].rstrip(":") for line in out.splitlines()] == ["2026-03-01", "2026-03-02", "2026-03-03"]
+    assert "--job_name=medtwin-2026-03-02" in out

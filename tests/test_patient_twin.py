@@ -1,0 +1,165 @@
+"""The patient twin: window statistics, NEWS2, panes, finality, lateness, alerts."""
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from schemas import ALERTS as ALERTS_TABLE
+from schemas import DEAD_LETTERS as DEAD_LETTERS_TABLE
+from schemas import PATIENT_TWIN, SchemaError, validate
+from transforms.decode import to_micros
+from transforms.patient_twin import PatientTwin, PatientTwinConfig
+from transforms.vital_stats import summarise
+from transforms.windowing import WindowPolicy
+from twin_fixtures import at, chunk, create_timestamped, observation, timestamped
+
+PANE_FIELDS = ("pane_index", "pane_timing", "is_final")
+
+
+def _streaming_options():
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return options
+
+
+def _config(streaming, lateness=120):
+    return PatientTwinConfig(policy=WindowPolicy(window_seconds=60, allowed_lateness_seconds=lateness,
+                                                 early_firing_seconds=10, streaming=streaming, tick_seconds=60),
+                             expected_sample_seconds=5.0, stale_after_seconds=600)
+
+
+def _schema_errors(table, row):
+    try:
+        validate(table, row)
+    except SchemaError as error:
+        yield str(error)
+
+
+def _assert_valid(rows, table, label):
+    """Every row of `rows` fits `table`; a failure lists the offending fields."""
+    errors = rows | f"Validate {label}" >> beam.FlatMap(lambda row: _schema_errors(table, row))
+    assert_that(errors, equal_to([]), label=f"{label} fit the schema")
+
+
+def test_window_statistics_remove_duplicates_per_wearable():
+    first = chunk([0, 5, 10], heart_rate=60.0)
+    retry = chunk([5, 10, 15], heart_rate=90.0)          # same wearable: 5 and 10 are duplicates
+    other = chunk([5], heart_rate=100.0, device="W-2")   # another wearable at the same time is not
+    stats = summarise([first, retry, other])
+    assert stats["sample_count"] == 5
+    assert stats["duplicates_removed"] == 2
+    assert stats["heart_rate_min"] == 60.0 and stats["heart_rate_max"] == 100.0
+    assert stats["heart_rate_mean"] == pytest.approx((60 + 60 + 60 + 90 + 100) / 5)
+    assert stats["heart_rate_last"] == 90.0  # the sample at 15 s
+    assert stats["first_sample_us"] == to_micros(at(0))
+
+
+def test_batch_rows_are_final_with_news2_baselines_and_one_alert_per_onset():
+    key = "p" * 32
+    chunks = [
+        timestamped(key, chunk(range(0, 60, 5))),                                      # calm
+        timestamped(key, chunk(range(60, 120, 5), heart_rate=135.0, spo2=89.0, respiratory=26.0,
+                               temperature=39.5)),                                   # high
+        timestamped(key, chunk(range(120, 180, 5), heart_rate=135.0, spo2=89.0, respiratory=26.0,
+                               temperature=39.5)),                                   # still high: no new alert
+    ]
+    observations = [TimestampedValue((key, observation(-30)), Timestamp(micros=to_micros(at(-30))))]
+    with TestPipeline() as pipeline:
+        out = {"chunks": pipeline | "Chunks" >> create_timestamped(chunks),
+               "observations": pipeline | "Obs" >> create_timestamped(observations)} | PatientTwin(_config(False))
+        rows = out["patient_twin"]
+        assert_that(rows | beam.Map(lambda r: (r["window_start"], r["sample_count"], r["is_final"],
+                                               r["news2_band"], r["consciousness"])),
+                    equal_to([(at(0), 12, True, "low", "alert"), (at(60), 12, True, "high", "alert"),
+                              (at(120), 12, True, "high", "alert")]), label="rows")
+        _assert_valid(rows, PATIENT_TWIN, "schema")
+        assert_that(rows | beam.Filter(lambda r: r["window_start"] == at(120))
+                    | beam.Map(lambda r: (r["baseline_heart_rate"] > 70, round(r["heart_rate_trend"], 3) > 0)),
+                    equal_to([(True, True)]), label="baseline")
+        assert_that(out["alerts"] | beam.Map(lambda a: (a["kind"], a["severity"], a["onset_time"])),
+                    equal_to([("news2_band", "urgent", at(60))]), label="alerts")
+        _assert_valid(out["alerts"], ALERTS_TABLE, "alert schema")
+
+
+def test_missing_parameters_are_listed_not_assumed():
+    key = "q" * 32
+    with TestPipeline() as pipeline:
+        out = {"chunks": pipeline | "Chunks" >> create_timestamped([timestamped(key, chunk(range(0, 60, 5)))]),
+               "observations": pipeline | "Obs" >> beam.Create([])} | PatientTwin(_config(False))
+        assert_that(out["patient_twin"] | beam.Map(lambda r: r["news2_missing"]),
+                    equal_to([["supplemental_oxygen", "consciousness"]]))
+
+
+def _stream(key):
+    """Two windows; an early pane, on-time panes, a late pane, and a sample too late for any pane."""
+    return (
+        TestStream()
+        .add_elements([timestamped(key, chunk([5, 10]))])
+        .advance_processing_time(15)                                       # early pane for [0, 60)
+        .add_elements([timestamped(key, chunk([20]))])
+        .advance_watermark_to(Timestamp(micros=to_micros(at(70))))       # on-time pane for [0, 60)
+        .add_elements([timestamped(key, chunk([30], heart_rate=80.0)),  # late, within lateness
+                       timestamped(key, chunk([65, 70]))])
+        .advance_watermark_to(Timestamp(micros=to_micros(at(400))))      # [0,60) closed at 180 (+60 tick)
+        .add_elements([timestamped(key, chunk([40], heart_rate=200.0))])  # too late
+        .advance_watermark_to_infinity()
+    )
+
+
+def test_streaming_panes_finality_and_too_late_dead_letters():
+    key = "s" * 32
+    with TestPipeline(options=_streaming_options()) as pipeline:
+        out = {"chunks": pipeline | _stream(key),
+               "observations": pipeline | "Obs" >> beam.Create([])} | PatientTwin(_config(True))
+        first_window = out["patient_twin"] | beam.Filter(lambda r: r["window_start"] == at(0))
+        assert_that(first_window | beam.Map(lambda r: (r["pane_index"], r["pane_timing"], r["is_final"],
+                                                       r["sample_count"])),
+                    equal_to([(0, "EARLY", False, 2), (1, "ON_TIME", False, 3), (2, "LATE", False, 4),
+                              (3, "LATE", True, 4)]), label="panes")
+        assert_that(out["dead_letters"] | beam.Map(lambda d: (d["stage"], d["record_count"],
+                                                              d["reason"].startswith("too late"))),
+                    equal_to([("window_wearables", 1, True)]), label="too late")
+        _assert_valid(out["dead_letters"], DEAD_LETTERS_TABLE, "dl schema")
+
+
+_COLLECTED: dict = {}
+
+
+def _collect(tag, row):
+    """Module-level, so the DirectRunner (same process) appends to this very dict."""
+    _COLLECTED.setdefault(tag, []).append(row)
+
+
+def _final_without_pane_fields(rows):
+    return sorted(tuple(sorted((k, str(v)) for k, v in r.items() if k not in PANE_FIELDS))
+                  for r in rows if r["is_final"])
+
+
+def test_batch_and_streaming_agree_on_final_rows():
+    key = "b" * 32
+    parts = [chunk([5, 10]), chunk([20]), chunk([30], heart_rate=80.0), chunk([65, 70]),
+             chunk(range(130, 175, 5), heart_rate=125.0, spo2=91.0)]
+    results = {}
+    for streaming in (False, True):
+        _COLLECTED.pop(streaming, None)
+        options = _streaming_options() if streaming else PipelineOptions()
+        with TestPipeline(options=options) as pipeline:
+            if streaming:
+                source = TestStream()
+                for part in parts:
+                    source = source.add_elements([timestamped(key, part)]).advance_processing_time(20)
+                    source = source.advance_watermark_to(Timestamp(micros=int(part.times_us[-1])))
+                chunks = pipeline | source.advance_watermark_to_infinity()
+            else:
+                chunks = pipeline | create_timestamped([timestamped(key, part) for part in parts])
+            out = {"chunks": chunks, "observations": pipeline | "Obs" >> beam.Create([])} | PatientTwin(
+                _config(streaming))
+            out["patient_twin"] | beam.Map(lambda row, tag=streaming: _collect(tag, row))
+        results[streaming] = _final_without_pane_fields(_COLLECTED[streaming])
+    assert len(results[False]) == 3
+    assert results[False] == results[True]
