@@ -26,6 +26,7 @@ REQUIRED = [
     "duckdb>=1.0",
     "pycocotools>=2.0.7",
     "tqdm>=4.66",
+    "matplotlib>=3.8",
 ]
 
 TEST = [
