@@ -44,13 +44,16 @@ class ReadStreams(beam.PTransform):
     def __init__(self, config: JobConfig):
         super().__init__()
         self._source = config.source
+        # A replay ends only once every window of every twin has closed (see `replay_stream`).
+        self._drain_seconds = max(policy.window_seconds + policy.allowed_lateness_seconds + 2 * policy.tick_seconds
+                                  for policy in (config.patient.policy, config.device.policy))
 
     def expand(self, pipeline):
         source = self._source
         if source.kind == "replay":
             return pipeline | "Replay" >> ReplayLandedFiles(
                 source.input_dir, STREAMS, step_seconds=source.replay_step_seconds,
-                watermark_lag_seconds=source.replay_watermark_lag_seconds)
+                watermark_lag_seconds=source.replay_watermark_lag_seconds, drain_seconds=self._drain_seconds)
         streams = {}
         for stream in STREAMS:
             if source.kind == "files":

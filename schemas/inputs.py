@@ -58,6 +58,8 @@ DEVICE_LOG_EVENT = RecordDef(
         Field("exposure_count", INT, nullable=True, minimum=0, doc="Exposures in this event (exposure events)."),
         Field("firmware_version", STRING, nullable=True, doc="Firmware version reported by the device."),
         Field("config_version", STRING, nullable=True, doc="Configuration version reported by the device."),
+        Field("last_maintenance_time", TIMESTAMP, nullable=True,
+              doc="When the device's last preventive maintenance was completed, as the device reports it."),
     ),
 )
 

@@ -28,7 +28,8 @@ Maintenance history. Every ``online`` status event that the device sends at
 connection, at its 06:00 self-test and after maintenance carries code
 ``PM-OK`` (severity info) or ``PM-OVERDUE`` (severity warning, more than
 `MAINTENANCE_INTERVAL_DAYS` since the last service) and the message
-``last preventive maintenance <ISO-8601 time>; <days> days ago; interval 90 days``.
+``last preventive maintenance <ISO-8601 time>; <days> days ago; interval 90 days``,
+and the time itself in ``last_maintenance_time``.
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ class _Log:
                  code="PM-OVERDUE" if overdue else "PM-OK",
                  message=f"last preventive maintenance {format_timestamp(serviced)}; "
                          f"{age.total_seconds() / 86400:.1f} days ago; interval {MAINTENANCE_INTERVAL_DAYS} days",
-                 tube_temperature_c=temperature_c, **versions)
+                 last_maintenance_time=serviced, tube_temperature_c=temperature_c, **versions)
 
     def landed(self, rng: np.random.Generator) -> list[Landed]:
         out = []
@@ -257,7 +258,7 @@ class _Log:
                       "device_model": self._plan.model.name, "event_time": when, "kind": kind,
                       "severity": severity, "code": None, "message": None, "status": None,
                       "tube_temperature_c": None, "exposure_count": None, "firmware_version": None,
-                      "config_version": None, **fields}
+                      "config_version": None, "last_maintenance_time": None, **fields}
             # The gateway forwards each event within seconds; what has not landed by the end is not written.
             arrival = when + dt.timedelta(microseconds=round(rng.uniform(0.2, 3.0) * 1e6))
             if arrival <= self._start + dt.timedelta(seconds=self._period_s):

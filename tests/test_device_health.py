@@ -186,6 +186,14 @@ def test_recording_the_same_or_an_older_maintenance_changes_nothing(healthy):
     assert record_maintenance(learned, end - datetime.timedelta(days=1)) is learned
 
 
+def test_a_maintenance_reported_after_the_windows_it_precedes_keeps_what_was_learned(healthy):
+    history, end = healthy
+    _, learned, end = run([window(errors=6, critical=2)], history, end)
+    reported = record_maintenance(learned, end - datetime.timedelta(days=30))
+    assert reported == dataclasses.replace(learned, last_maintenance=end - datetime.timedelta(days=30))
+    assert record_maintenance(reported, end + datetime.timedelta(minutes=1)).recent == ()
+
+
 def test_memory_forgets_windows_older_than_its_span(healthy):
     history, end = healthy
     _, burst, end = run([window(errors=6, critical=2)], history, end)

@@ -163,13 +163,18 @@ class DecodeObservationsFn(_DecodeFn):
 
 
 class DecodeDicomReferencesFn(_DecodeFn):
-    """RawRecord -> DicomReference with ``patient_key`` in place of ``patient_id``, at acquisition time."""
+    """RawRecord -> DicomReference with ``patient_key`` in place of ``patient_id``, at acquisition time.
+
+    The reference also keeps ``source`` (where it was read), so a later stage that rejects the
+    image names the same input in its dead letter.
+    """
 
     stage = "decode_dicom_refs"
 
     def decode(self, raw, obj):
         reference = from_json(DICOM_REFERENCE, obj)
         reference["patient_key"] = self._pseudonymiser.patient_key(reference.pop("patient_id"))
+        reference["source"] = raw.source
         self._decoded.inc()
         yield TimestampedValue(reference, Timestamp(micros=to_micros(reference["acquisition_time"])))
 

@@ -306,10 +306,14 @@ def record_maintenance(history: DeviceHistory, when: datetime.datetime) -> Devic
     """A maintenance at `when` -> a history that starts afresh: healthy prior baseline, no memory.
 
     Recording the same or an earlier maintenance again returns `history` unchanged, so replaying a
-    window cannot wipe what was learned since.
+    window cannot wipe what was learned since. A first report of a maintenance that ended before the
+    windows already learned (a device stating its service date at start-up) only notes the date:
+    the windows learned since then were after the service, so they stay.
     """
     if history.last_maintenance is not None and when <= history.last_maintenance:
         return history
+    if history.last_window_end is not None and when < history.last_window_end:
+        return dataclasses.replace(history, last_maintenance=when)
     return DeviceHistory(last_window_end=history.last_window_end, last_maintenance=when)
 
 

@@ -46,7 +46,9 @@ def summarise_device_window(events: list[dict]) -> dict:
     temperatures = np.array([e["tube_temperature_c"] for e in events if e.get("tube_temperature_c") is not None])
     statuses = [e for e in events if e.get("status") is not None]
     config_changes = [e for e in events if e["kind"] == "config_change"]
-    maintenance = [e for e in events if e["kind"] == "maintenance"]
+    # Maintenance seen in this window: a maintenance event, or a device reporting when it was last serviced.
+    maintenance = [e["event_time"] for e in events if e["kind"] == "maintenance"]
+    maintenance += [e["last_maintenance_time"] for e in events if e.get("last_maintenance_time") is not None]
 
     def last(field):
         values = [e[field] for e in events if e.get(field) is not None]
@@ -55,6 +57,7 @@ def summarise_device_window(events: list[dict]) -> dict:
     return {
         "device_model": last("device_model"),
         "event_count": len(events),
+        "last_event_us": to_micros(events[-1]["event_time"]) if events else None,
         "status": statuses[-1]["status"] if statuses else None,
         "down_since_us": _down_since_us(statuses),
         "heartbeat_us": [to_micros(e["event_time"]) for e in events if e["kind"] == "heartbeat"],
@@ -69,7 +72,7 @@ def summarise_device_window(events: list[dict]) -> dict:
         "firmware_version": last("firmware_version"),
         "config_version": last("config_version"),
         "config_changed_at": config_changes[-1]["event_time"] if config_changes else None,
-        "maintenance_at": maintenance[-1]["event_time"] if maintenance else None,
+        "maintenance_at": max(maintenance, default=None),
     }
 
 

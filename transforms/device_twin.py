@@ -61,7 +61,7 @@ class DeviceState:
     """What one device's twin remembers across windows."""
 
     history: DeviceHistory = dataclasses.field(default_factory=DeviceHistory)
-    last_maintenance: object = None        # aware datetime of the latest maintenance seen in a final window
+    maintenance_times: tuple = ()          # distinct maintenance times seen in any pane, sorted
     risk_alerted: bool = False             # a failure-risk alert is open
     risk_last_high_us: int | None = None   # window start of the latest window over the threshold
     overdue_alerted: bool = False          # a maintenance-overdue alert is open
@@ -120,7 +120,12 @@ class DeviceStateFn(beam.DoFn):
     # -- one window ---------------------------------------------------------------------------
 
     def _features(self, pane: dict) -> tuple[WindowFeatures, dict]:
-        beats = heartbeat_features(pane["heartbeat_us"], pane["window_start_us"], pane["window_end_us"],
+        # An early pane has seen the window only up to its latest event: heartbeats still to come
+        # are not missed yet. From the on-time pane on, the watermark has passed the window's end.
+        observed_end_us = pane["window_end_us"]
+        if pane["pane_timing"] == "EARLY" and pane["last_event_us"] is not None:
+            observed_end_us = min(observed_end_us, pane["last_event_us"] + 1)
+        beats = heartbeat_features(pane["heartbeat_us"], pane["window_start_us"], observed_end_us,
                                    self._config.risk.heartbeat_interval_s, pane["down_since_us"])
         features = WindowFeatures(
             window_seconds=self._policy.window_seconds,
@@ -134,11 +139,16 @@ class DeviceStateFn(beam.DoFn):
 
     def _judge(self, device_id, pane, state: DeviceState, pane_fields: dict) -> tuple[dict, list[dict]]:
         features, beats = self._features(pane)
-        last_maintenance = max(filter(None, [state.last_maintenance, pane["maintenance_at"]]), default=None)
+        # A reported maintenance is a fact, whatever the pane: remember it at once (the risk
+        # history, an aggregate, still learns only from final windows). A window sees only the
+        # maintenance done before its end, so panes of later windows cannot change its final row.
+        if pane["maintenance_at"] and pane["maintenance_at"] not in state.maintenance_times:
+            state.maintenance_times = tuple(sorted((*state.maintenance_times, pane["maintenance_at"])))
+        window_end = as_datetime(pane["window_end_us"])
+        last_maintenance = max((t for t in state.maintenance_times if t < window_end), default=None)
         history = record_maintenance(state.history, pane["maintenance_at"]) if pane["maintenance_at"] else \
             state.history
         risk = assess_failure_risk(features, history, self._config.risk)
-        window_end = as_datetime(pane["window_end_us"])
         days_since, due = maintenance_status(last_maintenance, window_end, self._config.service_interval_days)
         row = {
             "device_id": device_id,
@@ -178,7 +188,6 @@ class DeviceStateFn(beam.DoFn):
         features, _ = self._features(pane)
         if pane["maintenance_at"]:
             state.history = record_maintenance(state.history, pane["maintenance_at"])
-            state.last_maintenance = max(filter(None, [state.last_maintenance, pane["maintenance_at"]]))
             state.overdue_alerted = row["maintenance_due"]
         state.history = update_history(state.history, features, as_datetime(pane["window_end_us"]),
                                        self._config.risk)

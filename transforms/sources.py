@@ -127,12 +127,17 @@ def _arrival_of(record: RawRecord) -> dt.datetime:
 
 
 def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int,
-                  watermark_lag_seconds: int) -> TestStream:
+                  watermark_lag_seconds: int, drain_seconds: int = 0) -> TestStream:
     """A TestStream of (stream, RawRecord) in arrival order.
 
     Records are released in steps of `step_seconds` of arrival time; after each step the
     watermark moves to (step end - `watermark_lag_seconds`), the way a Pub/Sub watermark trails
     publish time. Processing time advances with the steps, so early panes fire.
+
+    After the last record, `drain_seconds` of event time pass before the input ends, as they
+    would on a live stream: windows close and stateful steps emit their final rows while the
+    watermark is still finite. (The DirectRunner does not hold the watermark for output of
+    timers, so rows emitted only at the end of time would be dropped as late downstream.)
     """
     tagged = []
     for stream in streams:
@@ -144,7 +149,7 @@ def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int
     if not tagged:
         return events.advance_watermark_to_infinity()
     step = dt.timedelta(seconds=step_seconds)
-    start = tagged[0][0]
+    start = tagged[0][0].replace(microsecond=0)  # TestStream watermarks must be whole milliseconds
     index = 0
     while index < len(tagged):
         step_end = start + step
@@ -159,6 +164,8 @@ def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int
         events = events.advance_watermark_to(Timestamp(micros=to_micros(watermark)))
         events = events.advance_processing_time(step_seconds)
         start = step_end
+    if drain_seconds:
+        events = events.advance_watermark_to(Timestamp(micros=to_micros(start + dt.timedelta(seconds=drain_seconds))))
     return events.advance_watermark_to_infinity()
 
 
@@ -166,8 +173,9 @@ class ReplayLandedFiles(beam.PTransform):
     """Local streaming: landed files -> {stream: PCollection[RawRecord]} replayed in arrival order."""
 
     def __init__(self, input_dir: str, streams: tuple[str, ...] = STREAMS, *, step_seconds: int = 60,
-                 watermark_lag_seconds: int = 600):
+                 watermark_lag_seconds: int = 600, drain_seconds: int = 0):
         super().__init__()
+        self._drain = drain_seconds
         self._input_dir = input_dir
         self._streams = streams
         self._step_seconds = step_seconds
@@ -175,7 +183,8 @@ class ReplayLandedFiles(beam.PTransform):
 
     def expand(self, pipeline):
         replay = pipeline | "Replay" >> replay_stream(
-            self._input_dir, self._streams, step_seconds=self._step_seconds, watermark_lag_seconds=self._lag)
+            self._input_dir, self._streams, step_seconds=self._step_seconds, watermark_lag_seconds=self._lag,
+            drain_seconds=self._drain)
         return {
             stream: replay | f"Only_{stream}" >> beam.Filter(lambda item, s=stream: item[0] == s)
             | f"Record_{stream}" >> beam.Map(lambda item: item[1])
