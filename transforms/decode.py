@@ -39,8 +39,9 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _SAMPLE_FIELDS = {f.name: f for f in VITAL_SAMPLE}
 _VITAL_LIMITS = np.array([[_SAMPLE_FIELDS[v].minimum, _SAMPLE_FIELDS[v].maximum] for v in VITAL_NAMES])
 _STEPS = _SAMPLE_FIELDS["steps"]
-_SLEEP_STAGES = frozenset(_SAMPLE_FIELDS["sleep_stage"].choices)
-_NUMBER = (int, float)
+_SLEEP_STAGES_OR_NONE = frozenset((*_SAMPLE_FIELDS["sleep_stage"].choices, None))
+_INTEGER_KINDS = {int, type(None)}
+_NUMBER_KINDS = {int, float, type(None)}
 
 
 class RawRecord(NamedTuple):
@@ -271,7 +272,7 @@ def _fast_columns(samples: list) -> tuple | None:
     if np.any((steps < _STEPS.minimum) | (steps > _STEPS.maximum)):
         raise _NeedsSampleBySample
     stages = tuple(sample.get("sleep_stage") for sample in samples)
-    if any(stage is not None and stage not in _SLEEP_STAGES for stage in stages):
+    if not set(stages) <= _SLEEP_STAGES_OR_NONE:
         raise _NeedsSampleBySample
     return times, vitals, steps, stages
 
@@ -289,10 +290,9 @@ def _times_us(values: list) -> np.ndarray:
 
 def _numbers(values: list, *, integer: bool) -> np.ndarray:
     """Readings -> float64 with NaN for None; anything but a finite int (or float) needs the slow path."""
-    allowed = (int,) if integer else (int, float)
-    if any(v is not None and (type(v) not in allowed) for v in values):
+    if not set(map(type, values)) <= (_INTEGER_KINDS if integer else _NUMBER_KINDS):
         raise _NeedsSampleBySample
-    column = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    if np.any(np.isinf(column)) or (not integer and any(v is not None and v != v for v in values)):
-        raise _NeedsSampleBySample
+    column = np.array(values, dtype=np.float64)  # None -> NaN
+    if np.isinf(column).any() or int(np.isnan(column).sum()) != values.count(None):
+        raise _NeedsSampleBySample  # an infinity, or a NaN reading posing as a number
     return column
