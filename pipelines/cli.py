@@ -3,6 +3,7 @@
     medtwin simulate  --out DIR ...            a synthetic hospital: streams, DICOM, truth
     medtwin run       --input DIR --output OUT the twin + imaging pipeline (DirectRunner by default)
     medtwin query     OUT "SQL"                DuckDB over the Parquet tables
+    medtwin report    --patient P OUT          one patient as a PNG: vitals, NEWS2, alerts, X-rays
     medtwin train     ...                      train the detector
     medtwin evaluate  ...                      score a detector checkpoint
     medtwin backfill  ...                      re-run history with the same transforms
@@ -25,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "simulator.cli",
     "pipelines.run",
     "pipelines.query",
+    "pipelines.report",
     "model.train_cli",
     "model.evaluate_cli",
     "launch.backfill",

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
+from transforms.detect import DEVICES, InferenceConfig, model_input_size
 from transforms.device_twin import DeviceTwinConfig
 from transforms.patient_twin import PatientTwinConfig
 from transforms.pseudonymise import resolve_key
 from transforms.sinks import SinkConfig
+from transforms.dicom_decode import DicomReadConfig
 from transforms.sources import STREAMS
+from transforms.triage import TriageConfig
 from transforms.windowing import WindowPolicy
 
 SOURCES = ("files", "replay", "watch", "pubsub", "kafka")
+DEFAULT_WEIGHTS = str(Path(__file__).resolve().parent.parent / "model" / "weights" / "cascade_tiny.safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +51,26 @@ class SourceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImagingConfig:
+    """The imaging path: DICOM fetch and decode, opacity detection, device quality flags, triage."""
+
+    read: DicomReadConfig
+    inference: InferenceConfig
+    triage: TriageConfig
+
+    def __post_init__(self):
+        if self.read.target_size != model_input_size(self.inference):
+            raise ValueError(f"images decoded to {self.read.target_size} px, but {self.inference.weights_path} "
+                             f"expects {model_input_size(self.inference)} px")
+
+
+@dataclasses.dataclass(frozen=True)
 class JobConfig:
     source: SourceConfig
     sink: SinkConfig
     patient: PatientTwinConfig
     device: DeviceTwinConfig
+    imaging: ImagingConfig | None  # None: DICOM references are decoded and counted, images not read
     pseudonym_key: str
     streaming: bool
 
@@ -80,7 +100,8 @@ class JobConfig:
             window_seconds=args.device_window, allowed_lateness_seconds=args.device_allowed_lateness,
             early_firing_seconds=args.early_firing, streaming=streaming,
             tick_seconds=min(args.gate_tick, args.device_window))
-        return cls(
+        device = DeviceTwinConfig(policy=device_policy, service_interval_days=args.service_interval_days)
+        config = cls(
             source=SourceConfig(
                 kind=source_kind, input_dir=args.input,
                 subscriptions={s: getattr(args, f"pubsub_{s}") for s in STREAMS if getattr(args, f"pubsub_{s}")},
@@ -92,10 +113,39 @@ class JobConfig:
                             output=args.bigquery_dataset or args.output, streaming=streaming),
             patient=PatientTwinConfig(policy=patient_policy, expected_sample_seconds=args.expected_sample_seconds,
                                       stale_after_seconds=args.stale_after),
-            device=DeviceTwinConfig(policy=device_policy, service_interval_days=args.service_interval_days),
+            device=device,
+            imaging=None,
             pseudonym_key=resolve_key(args.pseudonym_key, demo=args.demo),
             streaming=streaming,
         )
+        if args.no_imaging:
+            return config
+        # Built once the sources are known to be valid, so their errors come first.
+        return dataclasses.replace(config, imaging=_imaging_config(args, source_kind, device, streaming))
+
+
+def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTwinConfig,
+                    streaming: bool) -> ImagingConfig:
+    prefixes = tuple(args.dicom_allowed_prefixes or ())
+    if not prefixes:
+        if source_kind not in ("files", "replay", "watch") or not args.input:
+            raise ValueError(f"--source {source_kind} reads DICOM files from elsewhere: name where with "
+                             "--dicom_allowed_prefixes (or add --no_imaging)")
+        prefixes = (args.input,)
+    if not Path(args.weights).is_file() and "://" not in args.weights:
+        raise ValueError(f"--weights {args.weights}: no such file (train one with `medtwin train`)")
+    inference = InferenceConfig(
+        weights_path=args.weights, device=args.inference_device, max_batch_size=args.inference_batch_size,
+        # A batch job batches per bundle; a stream must not hold a half-full batch for long.
+        max_batch_duration_secs=args.inference_max_wait if streaming else None,
+        score_threshold=args.score_threshold, share_across_processes=not args.model_per_process)
+    return ImagingConfig(
+        read=DicomReadConfig(allowed_prefixes=prefixes, target_size=model_input_size(inference)),
+        inference=inference,
+        # An image is flagged by the same device risk that raises a device alert.
+        triage=TriageConfig(device_policy=device.policy, risk_threshold=device.risk.alert_threshold,
+                            positive_probability=args.positive_probability,
+                            triage_window_seconds=args.triage_window))
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +182,27 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     twin.add_argument("--stale_after", type=int, default=600, help="sensor stale after this silence, s [%(default)s]")
     twin.add_argument("--service_interval_days", type=float, default=90.0,
                       help="device maintenance due after this many days [%(default)s]")
+
+    imaging = parser.add_argument_group("imaging")
+    imaging.add_argument("--no_imaging", action="store_true",
+                         help="skip reading DICOM images (references are still decoded and checked)")
+    imaging.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                         help="detector checkpoint, .safetensors with its .json beside it [model/weights/cascade_tiny]")
+    imaging.add_argument("--dicom_allowed_prefixes", nargs="+", metavar="PREFIX",
+                         help="directories or gs:// prefixes DICOM uris may point into [--input]")
+    imaging.add_argument("--inference_device", choices=DEVICES, default="auto",
+                         help="auto: CUDA when the worker has it, else CPU [%(default)s]")
+    imaging.add_argument("--inference_batch_size", type=int, default=8, help="images per model call [%(default)s]")
+    imaging.add_argument("--inference_max_wait", type=float, default=5.0,
+                         help="streaming: longest a partial batch waits, seconds [%(default)s]")
+    imaging.add_argument("--model_per_process", action="store_true",
+                         help="load one model per SDK process instead of one per worker VM")
+    imaging.add_argument("--score_threshold", type=float, default=0.05,
+                         help="boxes scoring below this are not written [%(default)s]")
+    imaging.add_argument("--positive_probability", type=float, default=0.5,
+                         help="image COVID probability counted positive for triage [%(default)s]")
+    imaging.add_argument("--triage_window", type=int, default=3600,
+                         help="positive image and medium/high NEWS2 this close raise a triage alert, s [%(default)s]")
 
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--pseudonym_key", help="HMAC key for patient pseudonyms (or env MEDTWIN_PSEUDONYM_KEY)")

@@ -1,22 +1,24 @@
-"""The medtwin graph: sources -> decode -> twins -> alerts -> sinks.
+"""The medtwin graph: sources -> decode -> twins and imaging -> alerts -> sinks.
 
-    wearables ──Decode──► chunks ──PatientTwin──► patient_twin, alerts
-    observations ─Decode─────────────┘
-    device_logs ─Decode─► events ──DeviceTwin───► device_twin, alerts
-    every stage ─────────────────────────────────► dead_letters
+    wearables ──Decode──► chunks ──PatientTwin──► patient_twin, alerts ─────────────┐
+    observations ─Decode─────────────┘                                             │
+    device_logs ─Decode─► events ──DeviceTwin───► device_twin, alerts ──┐          │
+    dicom_refs ──Decode─► refs ──ReadStudies──► images ──DetectOpacities─┴─FlagDeviceQuality─► detections
+                                                                                   └─TriageAlerts─► alerts
+    every stage ───────────────────────────────────────────────────────────────────► dead_letters
                                  all tables ──WriteTables──► Parquet | BigQuery
 
 `build_pipeline(pipeline, config)` adds the whole graph to `pipeline` and
 returns the output PCollections by table; it knows nothing of runners
-(`pipelines.run` and `launch/` run it). The DICOM references stream is
-decoded here and consumed by the imaging path.
+(`pipelines.run` and `launch/` run it). With imaging off (``--no_imaging``)
+DICOM references are still decoded, so bad ones still reach dead_letters.
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
 
-from pipelines.config import JobConfig
+from pipelines.config import ImagingConfig, JobConfig
 from transforms.dead_letters import DEAD_LETTERS
 from transforms.decode import (
     DecodeDeviceEventsFn,
@@ -24,6 +26,8 @@ from transforms.decode import (
     DecodeObservationsFn,
     DecodeWearablesFn,
 )
+from transforms.detect import DetectOpacities
+from transforms.dicom_decode import ReadStudies
 from transforms.device_twin import DeviceTwin
 from transforms.patient_twin import PatientTwin
 from transforms.pseudonymise import Pseudonymiser
@@ -36,6 +40,7 @@ from transforms.sources import (
     ReplayLandedFiles,
     WatchLandingDirectory,
 )
+from transforms.triage import FlagDeviceQuality, TriageAlerts
 
 
 class ReadStreams(beam.PTransform):
@@ -95,6 +100,28 @@ class DecodeStreams(beam.PTransform):
         return decoded
 
 
+class Imaging(beam.PTransform):
+    """{"dicom_refs", "patient_twin", "device_twin"} -> {"detections", "alerts", "dead_letters"}.
+
+    Every reference in is one detections row or one dead letter out (fetch_dicom,
+    decode_dicom or detect); alerts are the triage alerts.
+    """
+
+    def __init__(self, config: ImagingConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, inputs):
+        studies = inputs["dicom_refs"] | "ReadStudies" >> ReadStudies(self._config.read)
+        found = studies["images"] | "DetectOpacities" >> DetectOpacities(self._config.inference)
+        detections = ({"detections": found["detections"], "device_twin": inputs["device_twin"]}
+                      | "FlagDeviceQuality" >> FlagDeviceQuality(self._config.triage))
+        alerts = ({"detections": detections, "patient_twin": inputs["patient_twin"]}
+                  | "TriageAlerts" >> TriageAlerts(self._config.triage))
+        dead_letters = (studies[DEAD_LETTERS], found[DEAD_LETTERS]) | "ImagingDeadLetters" >> beam.Flatten()
+        return {"detections": detections, "alerts": alerts, DEAD_LETTERS: dead_letters}
+
+
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
     """Adds the medtwin graph, sinks included, to `pipeline`; returns {table: PCollection of rows}."""
     raw = pipeline | "ReadStreams" >> ReadStreams(config)
@@ -102,14 +129,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
     patients = {"chunks": decoded["chunks"], "observations": decoded["observations"]} | "PatientTwin" >> PatientTwin(
         config.patient)
     devices = decoded["device_events"] | "DeviceTwin" >> DeviceTwin(config.device)
-    tables = {
-        "patient_twin": patients["patient_twin"],
-        "device_twin": devices["device_twin"],
-        "alerts": (patients["alerts"], devices["alerts"]) | "AllAlerts" >> beam.Flatten(),
-        "dead_letters": (
-            (*decoded[DEAD_LETTERS], patients[DEAD_LETTERS], devices[DEAD_LETTERS])
-            | "AllDeadLetters" >> beam.Flatten()
-        ),
-    }
+    alerts = [patients["alerts"], devices["alerts"]]
+    dead_letters = [*decoded[DEAD_LETTERS], patients[DEAD_LETTERS], devices[DEAD_LETTERS]]
+    tables = {"patient_twin": patients["patient_twin"], "device_twin": devices["device_twin"]}
+    if config.imaging is not None:
+        imaging = ({"dicom_refs": decoded["dicom_refs"], **tables}
+                   | "Imaging" >> Imaging(config.imaging))
+        tables["detections"] = imaging["detections"]
+        alerts.append(imaging["alerts"])
+        dead_letters.append(imaging[DEAD_LETTERS])
+    tables["alerts"] = alerts | "AllAlerts" >> beam.Flatten()
+    tables[DEAD_LETTERS] = dead_letters | "AllDeadLetters" >> beam.Flatten()
     tables | "WriteTables" >> WriteTables(config.sink)
     return tables

@@ -5,7 +5,10 @@ import pytest
 from pipelines.cli import SUBCOMMAND_MODULES, build_parser, main
 
 
-@pytest.mark.parametrize("command", ["simulate", "run", "query", "train", "evaluate", "backfill", "launch"])
+COMMANDS = ["simulate", "run", "query", "report", "train", "evaluate", "backfill", "launch"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -13,15 +16,19 @@ def test_every_subcommand_has_help(command, capsys):
     assert command in capsys.readouterr().out
 
 
-def test_the_parser_knows_every_module():
-    assert len(SUBCOMMAND_MODULES) == 7
-    build_parser()
+def test_the_parser_knows_every_module_and_each_module_one_command():
+    subparsers = next(action for action in build_parser()._actions if action.choices and "run" in action.choices)
+    assert sorted(subparsers.choices) == sorted(COMMANDS)
+    assert len(SUBCOMMAND_MODULES) == len(COMMANDS)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "--demo"], "--source files needs --input DIR"),
     (["run", "--input", "x", "--demo", "--source", "pubsub", "--streaming"], "needs at least one --pubsub_"),
     (["run", "--input", "x", "--demo", "--source", "replay"], "is unbounded: add --streaming"),
+    (["run", "--demo", "--streaming", "--source", "pubsub", "--pubsub_wearables", "s"],
+     "reads DICOM files from elsewhere: name where with --dicom_allowed_prefixes"),
+    (["run", "--input", "x", "--demo", "--weights", "none.safetensors"], "--weights none.safetensors: no such file"),
     (["run", "--input", "x"], "no pseudonymisation key"),
     (["launch", "--input", "x", "--demo", "--engine", "dataflow", "--project", "p", "--region", "r",
       "--temp_location", "/tmp"], "must be a gs:// path"),

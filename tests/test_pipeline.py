@@ -3,6 +3,7 @@
 Accounting, per stream, on the Parquet the job wrote:
   wearable samples in = samples in final patient_twin rows + duplicates removed + dead-lettered samples
   device log events in = events in final device_twin rows + dead-lettered events
+  DICOM references in = detections rows + dead-lettered references (decode, fetch, decode image, detect)
 """
 
 import json
@@ -61,6 +62,17 @@ def test_every_device_event_is_in_a_window_or_dead_lettered(hospital):
     assert events_in == counted + dead
 
 
+def test_every_dicom_reference_is_a_detection_or_dead_lettered(hospital):
+    references_in = len(landed_records(str(hospital / "in"), "dicom_refs"))
+    connection = connect(str(hospital / "out"))
+    detections = _scalar(connection, "select count(*) from detections")
+    flags = connection.execute("select distinct quality_flag from detections").fetchall()
+    dead = _scalar(connection, "select sum(record_count) from dead_letters where stage in "
+                               "('decode_dicom_refs', 'fetch_dicom', 'decode_dicom', 'detect')")
+    assert detections > 0 and flags
+    assert references_in == detections + dead
+
+
 def test_every_damaged_record_the_simulator_made_is_a_dead_letter(hospital):
     damaged = json.loads((hospital / "in" / "truth" / "corruption.json").read_text())["records"]
     connection = connect(str(hospital / "out"))
@@ -73,6 +85,6 @@ def test_no_protected_health_information_in_any_table(hospital):
     identifiers = [value for p in patients for key, value in p["identity"].items() if key != "sex"]
     identifiers += [p["identity"]["name"].replace("^", " ") for p in patients]
     connection = connect(str(hospital / "out"))
-    for table in ("patient_twin", "device_twin", "alerts", "dead_letters"):
+    for table in ("patient_twin", "device_twin", "detections", "alerts", "dead_letters"):
         text = json.dumps(connection.execute(f"select * from {table}").fetchall(), default=str)
         assert not [identifier for identifier in identifiers if identifier in text], table
