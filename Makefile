@@ -28,7 +28,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/telemetry.py
-	$(PY) bench/detector.py
+	$(PY) bench/device_alerts.py
+	$(PY) bench/detector.py --weights model/weights
+	$(PY) bench/imaging.py
 
 clean-demo:
 	rm -rf $(DEMO)

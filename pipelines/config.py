@@ -138,7 +138,9 @@ def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTw
         weights_path=args.weights, device=args.inference_device, max_batch_size=args.inference_batch_size,
         # A batch job batches per bundle; a stream must not hold a half-full batch for long.
         max_batch_duration_secs=args.inference_max_wait if streaming else None,
-        score_threshold=args.score_threshold, share_across_processes=not args.model_per_process)
+        score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
+        # `medtwin launch --gpu TYPE`: the inference step asks for that accelerator.
+        accelerator=f"type:{args.gpu};count:1;install-nvidia-driver" if getattr(args, "gpu", None) else None)
     return ImagingConfig(
         read=DicomReadConfig(allowed_prefixes=prefixes, target_size=model_input_size(inference)),
         inference=inference,

@@ -1,8 +1,11 @@
 """The medtwin command line: every subcommand has help; job flags are validated before any graph."""
 
+import apache_beam as beam
 import pytest
 
 from pipelines.cli import SUBCOMMAND_MODULES, build_parser, main
+from pipelines.config import JobConfig
+from pipelines.graph import build_pipeline
 
 
 COMMANDS = ["simulate", "run", "query", "report", "train", "evaluate", "backfill", "launch"]
@@ -38,6 +41,38 @@ def test_conflicting_job_flags_are_refused_with_a_reason(argv, message, capsys, 
     monkeypatch.delenv("MEDTWIN_PSEUDONYM_KEY", raising=False)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def _job_config(argv):
+    args, _ = build_parser().parse_known_args(argv)
+    return JobConfig.from_args(args)
+
+
+def test_imaging_defaults_follow_the_input_the_weights_and_the_mode(tmp_path):
+    batch = _job_config(["run", "--input", str(tmp_path), "--demo"]).imaging
+    assert batch.read.allowed_prefixes == (str(tmp_path),)
+    assert batch.read.target_size == 256  # from cascade_tiny.json
+    assert batch.inference.max_batch_duration_secs is None and batch.inference.accelerator_hint is None
+    streaming = _job_config(["run", "--input", str(tmp_path), "--demo", "--streaming",
+                             "--inference_max_wait", "2", "--dicom_allowed_prefixes", "gs://pacs/cxr"]).imaging
+    assert streaming.inference.max_batch_duration_secs == 2
+    assert streaming.read.allowed_prefixes == ("gs://pacs/cxr",)
+    assert _job_config(["run", "--input", str(tmp_path), "--demo", "--no_imaging"]).imaging is None
+
+
+def test_the_graph_has_a_detections_table_unless_imaging_is_off(tmp_path):
+    def tables(*flags):
+        config = _job_config(["run", "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--demo", *flags])
+        return set(build_pipeline(beam.Pipeline(), config))  # built, never run
+
+    assert tables() == {"patient_twin", "device_twin", "detections", "alerts", "dead_letters"}
+    assert tables("--no_imaging") == {"patient_twin", "device_twin", "alerts", "dead_letters"}
+
+
+def test_a_launch_gpu_puts_its_accelerator_on_the_inference_step():
+    imaging = _job_config(["launch", "--input", "gs://landing", "--demo", "--engine", "dataflow", "--project", "p",
+                           "--region", "r", "--temp_location", "gs://b/tmp", "--gpu", "nvidia-l4"]).imaging
+    assert imaging.inference.accelerator_hint == "type:nvidia-l4;count:1;install-nvidia-driver"
 
 
 def test_unknown_flags_are_beam_options_only_for_pipeline_commands(capsys):
