@@ -163,8 +163,9 @@ def load_xray(detection: dict, images: dict[str, str], images_dir: str | None,
 # ---------------------------------------------------------------- drawing
 
 
-def draw_xray(ax, panel: XrayPanel) -> list:
-    """Draw one X-ray and its boxes on `ax`; returns the box Rectangles (display-pixel data coordinates).
+def draw_xray(ax, panel: XrayPanel, min_score: float = 0.0) -> list:
+    """Draw one X-ray and its boxes scoring at least `min_score` on `ax`; returns the box Rectangles
+    (display-pixel data coordinates).
 
     The image is shown with extent (0, W, H, 0), so data coordinates are display pixels with
     pixel edges on integers; a box (x1, y1, x2, y2) in original pixels (x2, y2 exclusive)
@@ -175,6 +176,8 @@ def draw_xray(ax, panel: XrayPanel) -> list:
     detection = panel.detection
     when = detection["acquisition_time"]
     title = f"{when:%Y-%m-%d %H:%M} UTC  p(COVID-like)={detection['covid_probability']:.2f}"
+    if min_score > 0:
+        title += f"  boxes >= {min_score:.2f}"
     if detection.get("quality_flag"):
         title += "  [device degraded]"
     ax.set_title(title, fontsize=8)
@@ -189,7 +192,7 @@ def draw_xray(ax, panel: XrayPanel) -> list:
     ax.imshow(panel.image, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, width, height, 0),
               interpolation="antialiased")
     rectangles = []
-    for box in detection["boxes"] or []:
+    for box in [b for b in detection["boxes"] or [] if b["score"] >= min_score]:
         x1, y1 = box["x1"] * panel.scale, box["y1"] * panel.scale
         rectangle = Rectangle((x1, y1), (box["x2"] - box["x1"]) * panel.scale, (box["y2"] - box["y1"]) * panel.scale,
                               fill=False, edgecolor="#ff3030", linewidth=1.5)
@@ -242,7 +245,7 @@ def _mark_events(axes, record: PatientRecord) -> None:
                      va="top", ha="right")
 
 
-def render(record: PatientRecord, panels: list[XrayPanel], *, hidden_images: int = 0):
+def render(record: PatientRecord, panels: list[XrayPanel], *, hidden_images: int = 0, min_score: float = 0.0):
     """The report figure (matplotlib Figure on an Agg canvas)."""
     import matplotlib.dates as mdates
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -274,7 +277,7 @@ def render(record: PatientRecord, panels: list[XrayPanel], *, hidden_images: int
             ax.text(0.5, 0.5, "no chest X-ray detections for this patient", ha="center", va="center",
                     transform=ax.transAxes)
         else:
-            draw_xray(ax, panel)
+            draw_xray(ax, panel, min_score)
     title = f"Patient {record.patient_key} (pseudonym)"
     if hidden_images:
         title += f"  ({hidden_images} older X-ray(s) not shown)"
@@ -295,6 +298,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     who.add_argument("--patient_key", help="the patient's pseudonym, as in the tables")
     parser.add_argument("--output", required=True, help="the PNG to write")
     parser.add_argument("--images", help="folder searched for <sop instance uid>.dcm (e.g. the simulator's OUT/dicom)")
+    parser.add_argument("--min_score", type=float, default=0.3,
+                        help="draw boxes scoring at least this (the tables keep every box) [%(default)s]")
     parser.add_argument("--display_size", type=int, default=DISPLAY_SIZE,
                         help="longest side of a shown X-ray, pixels [%(default)s]")
     privacy = parser.add_argument_group("privacy (for --patient)")
@@ -327,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"medtwin report: warning: no images directory {args.images}", file=sys.stderr)
     recent = record.detections[-MAX_IMAGES:]
     panels = [load_xray(d, images, args.images, args.display_size) for d in recent]
-    figure = render(record, panels, hidden_images=len(record.detections) - len(recent))
+    figure = render(record, panels, hidden_images=len(record.detections) - len(recent), min_score=args.min_score)
     folder = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(folder, exist_ok=True)
     figure.savefig(args.output, format="png")

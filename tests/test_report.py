@@ -202,6 +202,15 @@ def test_boxes_in_original_pixels_land_on_the_scaled_image(hospital):
     assert right_bottom == pytest.approx((box["x2"] / COLS, 1 - box["y2"] / ROWS), abs=1e-6)
 
 
+def test_boxes_under_the_display_score_are_not_drawn(hospital):
+    from matplotlib.figure import Figure
+
+    detection = load_patient(str(hospital["out"]), KEY).detections[0]
+    panel = load_xray(detection, index_images(str(hospital["images"])), str(hospital["images"]), display_size=100)
+    assert len(draw_xray(Figure().add_subplot(), panel, min_score=0.9)) == 1   # the box scores 0.91
+    assert draw_xray(Figure().add_subplot(), panel, min_score=0.95) == []
+
+
 def test_missing_image_is_a_placeholder_panel(hospital):
     record = load_patient(str(hospital["out"]), KEY)
     panel = load_xray(record.detections[1], index_images(str(hospital["images"])), str(hospital["images"]))
