@@ -35,8 +35,11 @@ batch's largest size (rounded up to 32).  The backbone's convolutions and the RP
 that padding, so detections of an image would depend on its batch neighbours.  Images
 are therefore always padded here, in pixel space, to the same square (``input_size``
 rounded up to 32) with the normalisation mean (0 after normalisation, as torchvision
-pads); the model's own transform then neither resizes (longest side == input_size gives
-scale 1) nor pads again, and boxes are clipped back to each image's real extent.
+pads), and the model's stages are called on that canvas with each image's real size
+(`CascadeDetector._forward_on_canvas`), as torchvision's transform would tell them: the
+RPN clips proposals to the image, not the canvas, so the detections equal those of
+training and `medtwin evaluate` (tests/test_imaging_accuracy.py).  Boxes are clipped
+back to each image's real extent.
 
 Running on Dataflow with a GPU.  With ``device="cuda"`` (or an explicit ``accelerator``)
 only the inference step carries the resource hint
@@ -255,12 +258,31 @@ class CascadeDetector:
         for index, image in enumerate(images):
             batch[index, 0, : image.shape[0], : image.shape[1]] = image
         tensor = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        sizes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
         # float16 autocast only on CUDA: torchvision's RoIAlign and NMS have autocast kernels.
         mixed = torch.autocast("cuda", dtype=torch.float16) if self._autocast else contextlib.nullcontext()
         with torch.inference_mode(), mixed:
-            outputs = self._model(list(tensor))
+            outputs = self._forward_on_canvas(tensor, sizes)
         results = [_clipped(output, image.shape) for output, image in zip(outputs, images)]
         return results, (time.perf_counter() - start) * 1000.0
+
+
+    def _forward_on_canvas(self, canvas, sizes: list[tuple[int, int]]) -> list[dict]:
+        """GeneralizedRCNN's forward on an already padded (B, 1, S, S) batch, told each image's real size.
+
+        The model's own forward would take every image to be S x S, so the RPN would keep
+        proposals running into the padding (clipped to the canvas, not the image) and the
+        detections would differ from training and `medtwin evaluate`, which see the real sizes.
+        """
+        from torchvision.models.detection.image_list import ImageList
+
+        model = self._model
+        normalised = (canvas - model.transform.image_mean[0]) / model.transform.image_std[0]
+        batch = ImageList(normalised, sizes)
+        features = model.backbone(batch.tensors)
+        proposals, _ = model.rpn(batch, features)
+        found, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        return model.transform.postprocess(found, batch.image_sizes, batch.image_sizes)
 
 
 def _clipped(output: dict, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
