@@ -1,11 +1,14 @@
 """Beam options for each engine medtwin runs on.
 
-Dataflow (Google Cloud): the package is staged with ``--setup_file``; streaming
-jobs read Pub/Sub and write BigQuery. The imaging step's GPU pool comes from a
-resource hint on that step only (see the imaging path), served by
+Dataflow (Google Cloud): launched from a source checkout, the package is staged
+with ``--setup_file``, so workers run the launching code; launched from an
+installed medtwin (the worker image itself, as launch/schedule/ does) there is no
+setup.py to stage and the ``--sdk_container_image`` must hold the package.
+Streaming jobs read Pub/Sub and write BigQuery. The imaging step's GPU pool
+comes from a resource hint on that step only (see the imaging path), served by
 ``--dataflow_service_options=worker_accelerator=type:...;count:1;install-nvidia-driver``
-and, for a pinned CUDA/torch stack, a custom ``--sdk_container_image``
-(launch/Dockerfile).
+and a custom ``--sdk_container_image`` with a CUDA build of torch
+(launch/containers/Dockerfile.gpu; CPU workers: launch/containers/Dockerfile).
 
 Flink: the portable FlinkRunner submits to ``--flink_master`` through a Beam
 job server (downloaded as a jar on first use, so it needs Maven Central from
@@ -62,6 +65,10 @@ class EngineConfig:
                 raise ValueError(f"Dataflow needs --{' --'.join(missing)}")
             if not self.temp_location.startswith("gs://"):
                 raise ValueError(f"Dataflow's --temp_location must be a gs:// path, got {self.temp_location}")
+            if not os.path.exists(SETUP_FILE) and not self.sdk_container_image:
+                raise ValueError("this medtwin is installed, not a source checkout, so there is no setup.py to "
+                                 "stage on the workers: give --sdk_container_image with medtwin in it "
+                                 "(launch/containers/)")
         if self.engine == "flink" and not self.flink_master:
             raise ValueError("Flink needs --flink_master host:port")
 
@@ -83,8 +90,7 @@ def beam_args(config: EngineConfig, *, streaming: bool) -> list[str]:
             args.append(f"--environment_config={config.sdk_container_image}")
         return args
     args += ["--runner=DataflowRunner", f"--project={config.project}", f"--region={config.region}",
-             f"--temp_location={config.temp_location}", f"--setup_file={SETUP_FILE}",
-             "--experiments=use_runner_v2"]
+             f"--temp_location={config.temp_location}", *_package_args(), "--experiments=use_runner_v2"]
     if config.sdk_container_image:
         args.append(f"--sdk_container_image={config.sdk_container_image}")
     if config.max_workers:
@@ -96,6 +102,11 @@ def beam_args(config: EngineConfig, *, streaming: bool) -> list[str]:
     return args
 
 
+def _package_args() -> list[str]:
+    """How Dataflow workers get medtwin: the checkout's setup.py if launched from one, else the image's copy."""
+    return [f"--setup_file={SETUP_FILE}"] if os.path.exists(SETUP_FILE) else []
+
+
 def add_engine_arguments(parser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--engine", choices=ENGINES, default="direct", help="where to run [%(default)s]")
@@ -103,7 +114,7 @@ def add_engine_arguments(parser) -> None:
     group.add_argument("--project", help="Dataflow: Google Cloud project")
     group.add_argument("--region", help="Dataflow: region, e.g. europe-west4")
     group.add_argument("--temp_location", help="Dataflow: gs:// staging and temp path")
-    group.add_argument("--sdk_container_image", help="custom worker image (see launch/Dockerfile)")
+    group.add_argument("--sdk_container_image", help="custom worker image (see launch/containers/)")
     group.add_argument("--gpu", help="Dataflow: accelerator type for the imaging step, e.g. nvidia-tesla-t4")
     group.add_argument("--max_workers", type=int, help="Dataflow: autoscaling ceiling")
     group.add_argument("--flink_master", help="Flink: REST endpoint host:port")

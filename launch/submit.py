@@ -3,7 +3,8 @@
     # Dataflow, streaming from Pub/Sub into BigQuery, imaging step on T4 GPUs
     medtwin launch --engine dataflow --project P --region europe-west4 --temp_location gs://B/tmp \\
         --streaming --source pubsub --pubsub_wearables projects/P/subscriptions/wearables ... \\
-        --bigquery_dataset P:medtwin --gpu nvidia-tesla-t4 --sdk_container_image REGION-docker.pkg.dev/P/medtwin/worker
+        --bigquery_dataset P:medtwin --gpu nvidia-tesla-t4 \\
+        --sdk_container_image REGION-docker.pkg.dev/P/medtwin/medtwin-gpu:TAG   # launch/containers/
 
     # Flink, streaming from Kafka
     medtwin launch --engine flink --flink_master flink-jm:8081 --environment_type DOCKER \\

@@ -44,8 +44,9 @@ torch.set_num_threads(1)
 
 
 def cpu_config(**overrides):
-    values = dict(device="cpu", share_across_processes=False, max_batch_duration_secs=None, max_batch_size=4)
-    return InferenceConfig(WEIGHTS, **{**values, **overrides})
+    values = dict(weights_path=WEIGHTS, device="cpu", share_across_processes=False, max_batch_duration_secs=None,
+                  max_batch_size=4)
+    return InferenceConfig(**{**values, **overrides})
 
 
 def reference(index):
@@ -113,6 +114,32 @@ def test_model_input_size_comes_from_the_checkpoint_json():
     info = read_model_info(WEIGHTS)
     assert model_input_size(cpu_config()) == model_input_size(WEIGHTS) == info.input_size == 256
     assert info.name == "cascade_tiny" and len(info.version) == 12
+
+
+def test_a_worker_without_the_launchers_path_loads_the_shipped_checkpoint_of_that_name(tmp_path):
+    # The job was built on a machine that had the weights at tmp_path; the worker has only its package.
+    launcher_copy = tmp_path / "cascade_tiny.safetensors"
+    launcher_copy.write_bytes(open(WEIGHTS, "rb").read())
+    (tmp_path / "cascade_tiny.json").write_bytes(open(WEIGHTS.replace(".safetensors", ".json"), "rb").read())
+    handler = CascadeModelHandler(cpu_config(weights_path=str(launcher_copy)))
+    launcher_copy.unlink()
+    assert handler.load_model().version == read_model_info(WEIGHTS).version
+
+    other = tmp_path / "mine.safetensors"
+    other.write_bytes(b"")
+    (tmp_path / "mine.json").write_bytes(open(WEIGHTS.replace(".safetensors", ".json"), "rb").read())
+    handler = CascadeModelHandler(cpu_config(weights_path=str(other)))
+    other.unlink()
+    with pytest.raises(FileNotFoundError, match="bake the weights into the worker image"):
+        handler.load_model()
+
+
+def test_a_worker_with_other_weights_than_the_job_was_built_for_refuses_to_load(tmp_path):
+    faster = "model/weights/faster_rcnn_tiny.safetensors"
+    handler = CascadeModelHandler(cpu_config())
+    handler._config = cpu_config(weights_path=faster)   # what the worker finds under the job's path
+    with pytest.raises(ValueError, match="the job was built for"):
+        handler.load_model()
 
 
 def test_inference_step_alone_carries_the_accelerator_hint():

@@ -46,10 +46,13 @@ only the inference step carries the resource hint
 ``accelerator="type:nvidia-tesla-t4;count:1;install-nvidia-driver"``, so Dataflow runs
 that step on GPU workers and the rest of the graph on ordinary ones (right fitting)::
 
-    python -m launch.dataflow ... \\
-        --runner=DataflowRunner --experiments=use_runner_v2 \\
-        --sdk_container_image=REGION-docker.pkg.dev/PROJECT/REPO/medtwin-gpu:TAG \\
-        --dataflow_service_options="worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+    medtwin launch --engine dataflow --project P --region R --temp_location gs://B/tmp ... \\
+        --gpu nvidia-tesla-t4 \\
+        --sdk_container_image REGION-docker.pkg.dev/PROJECT/REPO/medtwin-gpu:TAG
+
+which adds ``--experiments=use_runner_v2`` and
+``--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver``
+and gives the inference step the same accelerator hint.
 
 ``use_runner_v2`` is required for GPUs and resource hints; ``install-nvidia-driver``
 makes Dataflow install the driver on the VM; the custom container must hold a CUDA
@@ -88,6 +91,7 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+import model as model_package
 from model.configs import config_from_dict
 from model.preprocess import boxes_to_original
 from transforms.dead_letters import DEAD_LETTERS
@@ -285,6 +289,23 @@ class CascadeDetector:
         return model.transform.postprocess(found, batch.image_sizes, batch.image_sizes)
 
 
+def worker_weights_path(weights_path: str) -> str:
+    """The checkpoint to load here: `weights_path` if this machine has it, else the checkpoint of the
+    same name shipped inside this machine's installed `model` package.
+
+    A job launched from a checkout names the launcher's absolute path (the default ``--weights``);
+    its workers installed the package (``--setup_file`` or the worker image) elsewhere.
+    `CascadeModelHandler.load_model` then checks the version is the one the job was built for.
+    """
+    if Path(weights_path).is_file():
+        return weights_path
+    shipped = Path(model_package.__file__).resolve().parent / "weights" / Path(weights_path).name
+    if shipped.is_file():
+        return str(shipped)
+    raise FileNotFoundError(f"{weights_path}: not on this worker, and the installed model package ships no "
+                            f"{Path(weights_path).name}; bake the weights into the worker image")
+
+
 def _clipped(output: dict, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Boxes clipped to the real (H, W) image; boxes left with no area (all padding) dropped."""
     boxes = output["boxes"].float().cpu().numpy().reshape(-1, 4)
@@ -321,8 +342,12 @@ class CascadeModelHandler(ModelHandler[DecodedStudy, PredictionResult, CascadeDe
         self._model_copies = config.model_copies
 
     def load_model(self) -> CascadeDetector:
-        return CascadeDetector(self._config.weights_path, device=self._config.device,
-                               autocast=self._config.autocast)
+        detector = CascadeDetector(worker_weights_path(self._config.weights_path), device=self._config.device,
+                                   autocast=self._config.autocast)
+        if detector.version != self._info.version:
+            raise ValueError(f"the worker's {self._config.weights_path} is version {detector.version}, the job was "
+                             f"built for {self._info.version}: ship the same weights to the workers")
+        return detector
 
     def run_inference(self, batch: Sequence[DecodedStudy], model: CascadeDetector,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
