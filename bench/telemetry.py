@@ -15,6 +15,8 @@ simulator writes), goes through two implementations in the same process:
 It prints samples/s of each, their ratio (pipeline / reference; >= 1.0 is the
 target), whether both counted the same samples, and the process's peak RSS.
 Ratios, not absolute numbers, are what compare across these noisy machines.
+Importing Beam and the transforms (about a second, once per process) happens
+before the clock starts, as the reference's imports do; it is printed apart.
 
     python bench/telemetry.py                       # 2,000 patients x 10 min (1.2 M samples)
     python bench/telemetry.py --patients 200 --minutes 5
@@ -141,6 +143,14 @@ def pipeline(root: Path, beam_args: list[str]) -> int:
     return sum(counter.committed for counter in counters)
 
 
+def _import_pipeline_modules() -> None:
+    import apache_beam  # noqa: F401
+
+    import transforms.decode  # noqa: F401
+    import transforms.patient_twin  # noqa: F401
+    import transforms.sources  # noqa: F401
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patients", type=int, default=2000)
@@ -158,6 +168,9 @@ def main(argv=None) -> int:
     del uploads
     print(f"load: {args.patients} patients x {args.minutes} min at 1 Hz, {count:,} uploads, "
           f"{samples:,} samples (duplicates included)")
+    started = time.perf_counter()
+    _import_pipeline_modules()
+    print(f"  {'import Beam + transforms':<30} {time.perf_counter() - started:7.1f} s  (once per process; not timed)")
     results = {}
     runs = (("reference (plain Python)", lambda: reference(root)),
             ("pipeline (Beam, DirectRunner)", lambda: pipeline(root, beam_args)))

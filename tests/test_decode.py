@@ -1,6 +1,7 @@
 """Decode: raw records -> validated, pseudonymised records; everything else is a dead letter."""
 
 import datetime as dt
+import pickle
 
 import apache_beam as beam
 import numpy as np
@@ -85,6 +86,27 @@ def test_bad_samples_are_dead_letters_and_the_rest_is_kept():
     assert all(d["stage"] == "decode_wearables" and d["source"] == "f.jsonl:1" for d in dead)
     assert all("MRN-000042" not in d["payload"] for d in dead)
     assert dead[0]["event_time"] == dt.datetime(2026, 3, 2, 6, 0, 5, tzinfo=dt.timezone.utc)
+
+
+def test_valid_samples_in_any_timestamp_form_and_unhashable_stages_do_not_stop_the_decoder():
+    samples = [_sample(0, heart_rate=70.0), {"event_time": "2026-03-02T06:00:05+00:00", "heart_rate": 72},
+               {"event_time": "2026-03-02T06:00:10", "heart_rate": 73.0}, _sample(15, sleep_stage=["rem"])]
+    chunks, dead = _decode_wearables([_upload(samples)])
+    (chunk,) = [c.value[1] for c in chunks]
+    np.testing.assert_array_equal(chunk.vitals[:, 0], [70.0, 72.0, 73.0])
+    assert chunk.times_us[-1] - chunk.times_us[0] == 10_000_000  # a naive time is UTC, as the schema says
+    assert [d["reason"] for d in dead] == ["WearableUpload.samples[3].sleep_stage: expected a string, got list ['rem']"]
+
+
+def test_a_chunk_pickles_compactly_and_back():
+    samples = [_sample(s, heart_rate=60.0 + s, spo2=97, steps=3, sleep_stage="light") for s in range(0, 30, 10)]
+    samples[1]["sleep_stage"] = None
+    (chunk,) = [c.value[1] for c in _decode_wearables([_upload(samples)])[0]]
+    copy = pickle.loads(pickle.dumps(chunk))
+    assert copy.device_id == chunk.device_id and copy.sleep_stages == ("light", None, "light")
+    for name in ("times_us", "vitals", "steps"):
+        np.testing.assert_array_equal(getattr(copy, name), getattr(chunk, name))
+        assert getattr(copy, name).dtype == getattr(chunk, name).dtype
 
 
 def test_broken_uploads_are_one_dead_letter_each_without_the_patient_id():

@@ -14,7 +14,7 @@ from schemas import DEAD_LETTERS as DEAD_LETTERS_TABLE
 from schemas import PATIENT_TWIN, SchemaError, validate
 from transforms.decode import to_micros
 from transforms.patient_twin import PatientTwin, PatientTwinConfig
-from transforms.vital_stats import summarise
+from transforms.vital_stats import VitalStatsFn, summarise
 from transforms.windowing import WindowPolicy
 from twin_fixtures import at, chunk, create_timestamped, observation, timestamped
 
@@ -57,6 +57,20 @@ def test_window_statistics_remove_duplicates_per_wearable():
     assert stats["heart_rate_mean"] == pytest.approx((60 + 60 + 60 + 90 + 100) / 5)
     assert stats["heart_rate_last"] == 90.0  # the sample at 15 s
     assert stats["first_sample_us"] == to_micros(at(0))
+
+
+def test_a_retry_after_compaction_is_still_a_duplicate_of_its_own_wearable():
+    combine = VitalStatsFn()
+    accumulator = combine.create_accumulator()
+    for sent in (chunk([0, 5], heart_rate=60.0), chunk([5], heart_rate=100.0, device="W-2"),
+                 chunk([5], heart_rate=60.0)):
+        accumulator = combine.add_input(accumulator, sent)
+    accumulator = combine.compact(accumulator)                     # a streaming runner may compact any time
+    accumulator = combine.add_input(accumulator, chunk([0, 5], heart_rate=60.0))   # the first upload, retried
+    stats = combine.extract_output(combine.compact(accumulator))
+    assert stats["sample_count"] == 3 and stats["duplicates_removed"] == 3
+    assert stats == summarise([chunk([0, 5], heart_rate=60.0), chunk([5], heart_rate=100.0, device="W-2"),
+                               chunk([5], heart_rate=60.0), chunk([0, 5], heart_rate=60.0)])
 
 
 def test_batch_rows_are_final_with_news2_baselines_and_one_alert_per_onset():

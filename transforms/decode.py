@@ -19,7 +19,9 @@ of samples (1 when the samples cannot be read at all).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable, NamedTuple
+import itertools
+import operator
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -31,7 +33,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from schemas import CLINICAL_OBSERVATION, DEVICE_LOG_EVENT, DICOM_REFERENCE, WEARABLE_UPLOAD, SchemaError
 from schemas.contract import from_json, from_json_fields, parse_timestamp, validate_fields
-from schemas.inputs import VITAL_NAMES, VITAL_SAMPLE
+from schemas.inputs import SLEEP_STAGES, VITAL_NAMES, VITAL_SAMPLE
 from transforms.dead_letters import DEAD_LETTERS, dead_letter
 from transforms.pseudonymise import Pseudonymiser
 
@@ -40,8 +42,11 @@ _SAMPLE_FIELDS = {f.name: f for f in VITAL_SAMPLE}
 _VITAL_LIMITS = np.array([[_SAMPLE_FIELDS[v].minimum, _SAMPLE_FIELDS[v].maximum] for v in VITAL_NAMES])
 _STEPS = _SAMPLE_FIELDS["steps"]
 _SLEEP_STAGES_OR_NONE = frozenset((*_SAMPLE_FIELDS["sleep_stage"].choices, None))
+_FIELD_NAMES = frozenset(_SAMPLE_FIELDS)
+_VITAL_LOW, _VITAL_HIGH = _VITAL_LIMITS[:, :1], _VITAL_LIMITS[:, 1:]  # (6, 1): against (6, n) columns
 _INTEGER_KINDS = {int, type(None)}
 _NUMBER_KINDS = {int, float, type(None)}
+_STAGE_KINDS = {str, type(None)}
 
 
 class RawRecord(NamedTuple):
@@ -74,6 +79,10 @@ class SampleChunk(NamedTuple):
       vitals: (n, 6) float64 in `schemas.inputs.VITAL_NAMES` order, NaN where absent.
       steps: (n,) float64 steps since the previous sample, NaN where absent.
       sleep_stages: n sleep stages (str or None).
+
+    Beam's default coder pickles chunks (between stages, and twice through a local shuffle), so a
+    chunk pickles as its raw column buffers: about three times faster than numpy's own pickling.
+    The arrays of an unpickled chunk are read-only views of those buffers.
     """
 
     device_id: str
@@ -81,6 +90,29 @@ class SampleChunk(NamedTuple):
     vitals: np.ndarray
     steps: np.ndarray
     sleep_stages: tuple
+
+    def __reduce__(self):
+        try:
+            stages = bytes(map(_STAGE_CODES.__getitem__, self.sleep_stages))
+        except (KeyError, TypeError):  # not a schema stage: keep them as they are
+            stages = tuple(self.sleep_stages)
+        return _chunk_from_buffers, (
+            self.device_id, np.ascontiguousarray(self.times_us, dtype=np.int64).tobytes(),
+            np.ascontiguousarray(self.vitals, dtype=np.float64).tobytes(),
+            np.ascontiguousarray(self.steps, dtype=np.float64).tobytes(), stages)
+
+
+_STAGES_BY_CODE = (*SLEEP_STAGES, None)
+_STAGE_CODES = {stage: code for code, stage in enumerate(_STAGES_BY_CODE)}
+
+
+def _chunk_from_buffers(device_id: str, times: bytes, vitals: bytes, steps: bytes, stages: bytes | tuple):
+    """The inverse of `SampleChunk.__reduce__`."""
+    if isinstance(stages, bytes):
+        stages = tuple(map(_STAGES_BY_CODE.__getitem__, stages))
+    return SampleChunk(device_id, np.frombuffer(times, dtype=np.int64),
+                       np.frombuffer(vitals, dtype=np.float64).reshape(-1, len(VITAL_NAMES)),
+                       np.frombuffer(steps, dtype=np.float64), stages)
 
 
 def to_micros(value: dt.datetime) -> int:
@@ -209,14 +241,19 @@ class DecodeWearablesFn(_DecodeFn):
         times, vitals, steps, stages = good
         self._decoded.inc()
         self._samples.inc(len(times))
-        order = np.argsort(times, kind="stable")
-        times, vitals, steps = times[order], vitals[order], steps[order]
-        stages = [stages[i] for i in order]
+        if not (times[1:] >= times[:-1]).all():
+            order = np.argsort(times, kind="stable")
+            times, vitals, steps = times[order], vitals[order], steps[order]
+            stages = tuple(stages[i] for i in order)
         windows = times // self._window_us
+        if windows[0] == windows[-1]:  # the usual upload: all in one window
+            chunk = SampleChunk(header["device_id"], times, vitals, steps, stages)
+            yield TimestampedValue((key, chunk), Timestamp(micros=int(times[0])))
+            return
         starts = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1]])
-        for begin, end in zip(starts, np.r_[starts[1:], len(times)]):
+        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), len(times)]):
             chunk = SampleChunk(header["device_id"], times[begin:end], vitals[begin:end], steps[begin:end],
-                                tuple(stages[begin:end]))
+                                stages[begin:end])
             yield TimestampedValue((key, chunk), Timestamp(micros=int(times[begin])))
 
     def _reject_sample(self, raw, header, sample, reason):
@@ -246,39 +283,58 @@ def _columns(samples: list) -> tuple[tuple | None, list[tuple[int, str]]]:
     for index, sample in enumerate(samples):
         path = f"WearableUpload.samples[{index}]"
         try:
-            validate_fields(VITAL_SAMPLE, from_json_fields(VITAL_SAMPLE, sample, path), path)
-            valid.append(sample)
+            record = from_json_fields(VITAL_SAMPLE, sample, path)
+            validate_fields(VITAL_SAMPLE, record, path)
         except SchemaError as error:
             rejected.append((index, str(error)))
+        else:
+            valid.append(record)  # parsed: aware datetimes, finite numbers, known stages (the fast path takes them all)
     return _fast_columns(valid), rejected
 
 
 def _fast_columns(samples: list) -> tuple | None:
-    """Column-wise conversion of well-formed samples; raises _NeedsSampleBySample on anything else."""
+    """Column-wise conversion of well-formed samples; raises _NeedsSampleBySample on anything else.
+
+    Returns (times_us (n,), vitals (n, 6), steps (n,), sleep stages (n-tuple)), or None for no samples.
+    """
     if not samples:
         return None
-    for sample in samples:
-        if type(sample) is not dict or not sample.keys() <= _SAMPLE_FIELDS.keys():
-            raise _NeedsSampleBySample
-    times = _times_us([sample.get("event_time") for sample in samples])
-    vitals = np.empty((len(samples), len(VITAL_NAMES)))
-    for column, name in enumerate(VITAL_NAMES):
-        vitals[:, column] = _numbers([sample.get(name) for sample in samples], integer=False)
-    low, high = _VITAL_LIMITS[:, 0], _VITAL_LIMITS[:, 1]
-    present = ~np.isnan(vitals)
-    if np.any(present & ((vitals < low) | (vitals > high))):
+    columns = _sample_columns(samples)
+    times = _times_us(columns["event_time"])
+    vitals = _numbers([columns[name] for name in VITAL_NAMES], _NUMBER_KINDS)  # (6, n)
+    if np.any((vitals < _VITAL_LOW) | (vitals > _VITAL_HIGH)):  # an absent reading (NaN) compares false
         raise _NeedsSampleBySample
-    steps = _numbers([sample.get("steps") for sample in samples], integer=True)
+    steps = _numbers([columns["steps"]], _INTEGER_KINDS)[0]
     if np.any((steps < _STEPS.minimum) | (steps > _STEPS.maximum)):
         raise _NeedsSampleBySample
-    stages = tuple(sample.get("sleep_stage") for sample in samples)
-    if not set(stages) <= _SLEEP_STAGES_OR_NONE:
+    stages = columns["sleep_stage"]
+    if not set(map(type, stages)) <= _STAGE_KINDS or not set(stages) <= _SLEEP_STAGES_OR_NONE:
         raise _NeedsSampleBySample
-    return times, vitals, steps, stages
+    return times, np.ascontiguousarray(vitals.T), steps, tuple(stages)
 
 
-def _times_us(values: list) -> np.ndarray:
-    if all(type(v) is str and v.endswith("Z") for v in values):
+def _sample_columns(samples: list) -> dict[str, Sequence]:
+    """Samples (dicts of known fields only) -> field name -> its n values, None where absent."""
+    if set(map(type, samples)) != {dict}:
+        raise _NeedsSampleBySample
+    names = tuple(samples[0])
+    if not _FIELD_NAMES.issuperset(names):
+        raise _NeedsSampleBySample
+    if len(names) > 1 and set(map(len, samples)) == {len(names)}:
+        try:  # the usual upload: every sample has the same fields (then only those)
+            present = dict(zip(names, zip(*map(operator.itemgetter(*names), samples))))
+        except KeyError:
+            present = None
+        if present is not None:
+            absent = (None,) * len(samples)
+            return {name: present.get(name, absent) for name in _SAMPLE_FIELDS}
+    if not all(map(_FIELD_NAMES.issuperset, samples)):
+        raise _NeedsSampleBySample
+    return {name: [sample.get(name) for sample in samples] for name in _SAMPLE_FIELDS}
+
+
+def _times_us(values: Sequence) -> np.ndarray:
+    if set(map(type, values)) == {str} and all(map(str.endswith, values, itertools.repeat("Z"))):
         try:
             return np.array([v[:-1] for v in values], dtype="datetime64[us]").astype(np.int64)
         except ValueError:
@@ -288,11 +344,17 @@ def _times_us(values: list) -> np.ndarray:
     raise _NeedsSampleBySample
 
 
-def _numbers(values: list, *, integer: bool) -> np.ndarray:
-    """Readings -> float64 with NaN for None; anything but a finite int (or float) needs the slow path."""
-    if not set(map(type, values)) <= (_INTEGER_KINDS if integer else _NUMBER_KINDS):
+def _numbers(columns: list[Sequence], kinds: set) -> np.ndarray:
+    """Columns of readings -> (columns, n) float64 with NaN for None.
+
+    Anything but finite numbers of `kinds` (or None) needs the slow path: a string, a bool, an
+    infinity, a NaN reading posing as a number.
+    """
+    seen = set(map(type, itertools.chain.from_iterable(columns)))
+    if not seen <= kinds:
         raise _NeedsSampleBySample
-    column = np.array(values, dtype=np.float64)  # None -> NaN
-    if np.isinf(column).any() or int(np.isnan(column).sum()) != values.count(None):
-        raise _NeedsSampleBySample  # an infinity, or a NaN reading posing as a number
-    return column
+    array = np.array(columns, dtype=np.float64)  # None -> NaN
+    absent = sum(column.count(None) for column in columns) if type(None) in seen else 0
+    if np.count_nonzero(~np.isfinite(array)) != absent:
+        raise _NeedsSampleBySample
+    return array

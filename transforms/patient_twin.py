@@ -15,6 +15,7 @@ older than `observation_max_age_hours`); without one they are listed in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import apache_beam as beam
@@ -29,7 +30,7 @@ from transforms.dead_letters import DEAD_LETTERS
 from transforms.decode import SampleChunk, to_micros
 from transforms.news2 import score_news2
 from transforms.panes import PANE, AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
-from transforms.vital_stats import VitalStatsFn
+from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, window_statistics
 from transforms.windowing import ApplyWindowPolicy, WindowPolicy
 
 ALERTS = "alerts"
@@ -74,6 +75,13 @@ def _describe_chunk(key, chunk: SampleChunk):
                "first_sample": as_datetime(chunk.times_us[0]).isoformat(),
                "last_sample": as_datetime(chunk.times_us[-1]).isoformat()}
     return payload, len(chunk.times_us)
+
+
+@functools.lru_cache(maxsize=16)
+def _statistics_fields(pane_fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The fields of a pane that go into its row as they are: not the ``*_us`` times, not the pane's own."""
+    return tuple(name for name in pane_fields
+                 if not name.endswith("_us") and name not in ("pane_index", "pane_timing", "is_last"))
 
 
 class PatientStateFn(beam.DoFn):
@@ -172,8 +180,7 @@ class PatientStateFn(beam.DoFn):
             temperature_c=pane["temperature_c_mean"], consciousness=consciousness, supplemental_oxygen=oxygen,
         )
         expected = self._policy.window_seconds / self._config.expected_sample_seconds
-        stats = {name: value for name, value in pane.items()
-                 if not name.endswith("_us") and name not in ("pane_index", "pane_timing", "is_last")}
+        stats = {name: pane[name] for name in _statistics_fields(tuple(pane))}
         heart_rate = pane["heart_rate_mean"]
         return {
             "patient_key": key,
@@ -261,26 +268,28 @@ class PatientStateFn(beam.DoFn):
 
 
 class FoldPatientTimelineFn(beam.DoFn):
-    """Batch: (patient_key, [("pane", stats) | ("observation", obs), ...]) -> final rows and alerts.
+    """Batch: (patient_key, WindowedSamples), with all observations by patient -> rows and alerts.
 
-    In batch every pane is final and every observation is known up front, so the windows are
-    judged in order in one call, with `PatientStateFn`'s own rules, instead of through state
-    and timers (whose per-element cost dominates a batch run on the Python SDK).
+    In batch every window is complete and every observation is known up front, so one call per
+    patient does what the streaming path spreads over windowed panes and a stateful DoFn: it
+    computes each window's statistics from the patient's samples (`window_statistics`, the rules
+    of `VitalStatsFn`) and judges the windows in order with `PatientStateFn`'s own rules. On the
+    Python SDK the per-element and per-window cost of windowing, triggers and state dominates a
+    batch run; here a patient is one element. Memory: one patient's samples of the whole run
+    (a day at 1 Hz is about 6 MB).
     """
 
     def __init__(self, config: PatientTwinConfig):
         self._rules = PatientStateFn(config)
+        self._policy = config.policy
 
-    def process(self, element):
-        key, items = element
+    def process(self, element, observations):
+        key, samples = element
         history = PatientHistory()
-        panes = []
-        for kind, payload in items:
-            if kind == OBSERVATION:
-                self._rules._remember_observation(history, payload)
-            else:
-                panes.append(payload)
-        for pane in sorted(panes, key=lambda p: p["window_start_us"]):
+        for observation in observations[key]:
+            self._rules._remember_observation(history, observation)
+        for start_us, stats in window_statistics(samples):
+            pane = _batch_pane(stats, start_us, self._policy)
             row, alerts = self._rules._judge(key, pane, history, final_pane_fields({"pane": pane, "emitted": False}))
             at = Timestamp(micros=pane["window_end_us"])
             yield TimestampedValue(row, at)
@@ -288,8 +297,23 @@ class FoldPatientTimelineFn(beam.DoFn):
             self._rules._learn(history, row, pane)
 
 
+def _batch_pane(stats: dict, window_start_us: int, policy: WindowPolicy) -> dict:
+    """A batch window's only pane, with the fields `AttachPane` gives it: on time, index 0, the last."""
+    return {**stats, "window_start_us": window_start_us,
+            "window_end_us": window_start_us + policy.window_seconds * 1_000_000,
+            "pane_index": 0, "pane_timing": "ON_TIME", "is_last": True}
+
+
 class PatientTwin(beam.PTransform):
-    """Wearable chunks + nurse observations -> patient_twin rows, patient alerts, too-late dead letters."""
+    """Wearable chunks + nurse observations -> patient_twin rows, patient alerts, too-late dead letters.
+
+    Streaming: chunks are windowed (`ApplyWindowPolicy`), combined per window (`VitalStatsFn`) and
+    judged pane by pane with state and timers (`PatientStateFn`). Batch: each chunk is assigned
+    its fixed window (`WindowPolicy.window_start_us`), each patient's chunks are combined into one
+    block before the shuffle (`CollectWindowedSamplesFn`), and the block is folded in one call
+    with the patient's observations (`FoldPatientTimelineFn`); nothing can be too late.
+    Both give the same final rows.
+    """
 
     def __init__(self, config: PatientTwinConfig = PatientTwinConfig()):
         super().__init__()
@@ -297,6 +321,20 @@ class PatientTwin(beam.PTransform):
 
     def expand(self, inputs):
         policy = self._config.policy
+        observations = inputs["observations"]
+        if not policy.streaming:
+            samples = (
+                inputs["chunks"]
+                | "AssignWindows" >> beam.Map(
+                    lambda kv, at=beam.DoFn.TimestampParam: (kv[0], (policy.window_start_us(at.micros), kv[1])))
+                | "CollectPerPatient" >> beam.CombinePerKey(CollectWindowedSamplesFn())
+            )
+            # Nurse observations are few (a handful per patient and day): a side input, looked up by patient.
+            outputs = samples | "FoldTimeline" >> beam.ParDo(
+                FoldPatientTimelineFn(self._config), observations=beam.pvalue.AsMultiMap(observations),
+            ).with_outputs(ALERTS, main="patient_twin")
+            too_late = samples.pipeline | "NoTooLateInBatch" >> beam.Create([])
+            return {"patient_twin": outputs.patient_twin, ALERTS: outputs[ALERTS], DEAD_LETTERS: too_late}
         windowed = inputs["chunks"] | "WindowSamples" >> ApplyWindowPolicy(
             policy, stage="window_wearables", describe=_describe_chunk)
         panes = (
@@ -304,17 +342,9 @@ class PatientTwin(beam.PTransform):
             | "VitalStatsPerWindow" >> beam.CombinePerKey(VitalStatsFn())
             | "AttachPane" >> AttachPane(policy.streaming)
         )
-        observations = inputs["observations"] | "TagObservations" >> beam.Map(
-            lambda kv: (kv[0], (OBSERVATION, kv[1])))
+        observations = observations | "TagObservations" >> beam.Map(lambda kv: (kv[0], (OBSERVATION, kv[1])))
         timeline = (panes, observations) | "PanesAndObservations" >> beam.Flatten()
-        if policy.streaming:
-            outputs = timeline | "PatientState" >> beam.ParDo(PatientStateFn(self._config)).with_outputs(
-                ALERTS, main="patient_twin")
-        else:
-            outputs = (timeline
-                       | "PerPatient" >> beam.GroupByKey()
-                       | "FoldTimeline" >> beam.ParDo(FoldPatientTimelineFn(self._config)).with_outputs(
-                           ALERTS, main="patient_twin"))
+        outputs = timeline | "PatientState" >> beam.ParDo(PatientStateFn(self._config)).with_outputs(
+            ALERTS, main="patient_twin")
         return {"patient_twin": outputs.patient_twin, ALERTS: outputs[ALERTS],
                 DEAD_LETTERS: windowed[DEAD_LETTERS]}
-

@@ -22,7 +22,7 @@ import datetime as dt
 import io
 import os
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 import fastavro
@@ -72,6 +72,15 @@ def records_in_file(path: str, data: bytes, relative_to: str = "") -> Iterator[R
         yield RawRecord(name, UnreadableInput(f"unreadable Avro file: {type(error).__name__}: {error}"), arrival)
 
 
+def timestamped_at_arrival(records: Iterable[RawRecord]) -> Iterator[TimestampedValue]:
+    """RawRecords -> the same, each timestamped at its arrival time."""
+    arrival = stamp = None
+    for record in records:
+        if record.arrival_time != arrival:  # the records of one file share one arrival: one Timestamp
+            arrival, stamp = record.arrival_time, Timestamp(micros=to_micros(record.arrival_time))
+        yield TimestampedValue(record, stamp)
+
+
 class ReadLandedFiles(beam.PTransform):
     """Batch: DIR/<stream>/date=*/*.{jsonl,avro} -> RawRecord, timestamped at arrival.
 
@@ -92,8 +101,8 @@ class ReadLandedFiles(beam.PTransform):
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
             | "Open" >> fileio.ReadMatches()
-            | "Records" >> beam.FlatMap(lambda f: records_in_file(f.metadata.path, f.read(), root))
-            | "AtArrival" >> beam.Map(lambda r: TimestampedValue(r, Timestamp(micros=to_micros(r.arrival_time))))
+            | "RecordsAtArrival" >> beam.FlatMap(
+                lambda f: timestamped_at_arrival(records_in_file(f.metadata.path, f.read(), root)))
         )
 
 

@@ -27,6 +27,11 @@ Panes: early panes every ``early_firing_seconds`` of processing time, one
 on-time pane when the watermark passes the window end, a late pane for each
 late arrival; accumulating, so each pane is a complete refinement and the
 latest pane of a window is its best answer.
+
+Batch has no panes, triggers or lateness, so a transform may skip Beam's
+windows and assign the same fixed windows itself with
+`WindowPolicy.window_start_us` (the batch patient twin does: its statistics
+are combined per patient, far cheaper per window on the Python SDK).
 """
 
 from __future__ import annotations
@@ -77,6 +82,11 @@ class WindowPolicy:
             raise ValueError(f"allowed_lateness_seconds must be >= 0, got {self.allowed_lateness_seconds}")
         if self.tick_seconds <= 0:
             raise ValueError(f"tick_seconds must be positive, got {self.tick_seconds}")
+
+    def window_start_us(self, timestamp_us: int) -> int:
+        """Start of the fixed window holding `timestamp_us` (as `window.FixedWindows` assigns it)."""
+        size = self.window_seconds * 1_000_000
+        return timestamp_us - timestamp_us % size
 
     def window_expiry_us(self, timestamp_us: int) -> int:
         """The event time at which the window holding `timestamp_us` stops accepting data."""
