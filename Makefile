@@ -1,11 +1,14 @@
 # medtwin: two commands on a fresh machine.
-#   make demo   set up .venv, simulate a small hospital, run the pipeline, summarise with DuckDB
+#   make demo   set up .venv, simulate a small hospital, run the pipeline, summarise with DuckDB, draw one patient
 #   make test   set up .venv, run the test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MEDTWIN:= $(VENV)/bin/medtwin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo
+# The patient shown by `make demo`: the first triage alert's, else the highest NEWS2.
+DEMO_PATIENT := SELECT coalesce((SELECT subject_id FROM alerts WHERE kind = 'triage' ORDER BY onset_time LIMIT 1), \
+                (SELECT patient_key FROM patient_twin ORDER BY news2_score DESC NULLS LAST LIMIT 1)) AS patient
 
 .PHONY: install test demo bench clean-demo
 
@@ -24,7 +27,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(MEDTWIN) simulate --out $(DEMO)/hospital --patients 20 --devices 4 --hours 3 --seed 7 --corrupt-fraction 0.01
 	$(MEDTWIN) run --input $(DEMO)/hospital --output $(DEMO)/out --demo
-	$(MEDTWIN) query $(DEMO)/out --summary
+	$(MEDTWIN) report $(DEMO)/out --images $(DEMO)/hospital/dicom --output $(DEMO)/patient.png \
+	    --patient_key $$($(MEDTWIN) query $(DEMO)/out --csv "$(DEMO_PATIENT)" | tail -n 1)
 
 bench: $(STAMP)
 	$(PY) bench/telemetry.py

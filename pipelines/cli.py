@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
+    for command_parser in subparsers.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -50,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Flags medtwin does not know (--runner, --project, ...) belong to Beam's PipelineOptions;
     # only the commands that build a pipeline accept them.
+    argv = sys.argv[1:] if argv is None else argv
     args, beam_args = parser.parse_known_args(argv)
     if beam_args and not getattr(args, "accepts_beam_args", False):
-        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+        # argparse leaves a positional after an option (`query OUT --csv "SQL"`) unparsed: parse the
+        # command's own arguments again, intermixed, which also rejects anything truly unknown.
+        own = args.command_parser.parse_intermixed_args(argv[argv.index(args.command) + 1:])
+        args, beam_args = argparse.Namespace(**{**vars(args), **vars(own)}), []
     args.beam_args = beam_args
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -13,6 +13,7 @@ each window: the final one if it exists, else the highest pane index.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 
@@ -115,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if result is None:
         return 0
     if args.csv:
-        result.write_csv("/dev/stdout")
+        # Through Python's stdout, not DuckDB's write_csv("/dev/stdout"), which writes from offset 0
+        # of whatever stdout is (a file or a pipe) around Python's own buffer.
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(result.columns)
+        writer.writerows(result.fetchall())
     else:
         result.show(max_rows=200, max_width=200)
     return 0

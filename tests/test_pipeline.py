@@ -6,6 +6,8 @@ Accounting, per stream, on the Parquet the job wrote:
   DICOM references in = detections rows + dead-lettered references (decode, fetch, decode image, detect)
 """
 
+import csv
+import io
 import json
 
 import orjson
@@ -88,3 +90,13 @@ def test_no_protected_health_information_in_any_table(hospital):
     for table in ("patient_twin", "device_twin", "detections", "alerts", "dead_letters"):
         text = json.dumps(connection.execute(f"select * from {table}").fetchall(), default=str)
         assert not [identifier for identifier in identifiers if identifier in text], table
+
+
+def test_query_prints_csv_an_analyst_can_read_back(hospital, capsys):
+    sql = "select kind, count(*) as alerts from alerts group by kind order by kind"
+    expected = connect(str(hospital / "out")).execute(sql).fetchall()
+    assert expected
+    for argv in ([str(hospital / "out"), sql, "--csv"], [str(hospital / "out"), "--csv", sql]):
+        assert main(["query", *argv]) == 0
+        printed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+        assert printed == [["kind", "alerts"], *[[kind, str(count)] for kind, count in expected]]
