@@ -4,7 +4,7 @@
     observations ─Decode─────────────┘                                             │
     device_logs ─Decode─► events ──DeviceTwin───► device_twin, alerts ──┐          │
     dicom_refs ──Decode─► refs ──ReadStudies──► images ──DetectOpacities─┴─FlagDeviceQuality─► detections
-                                                                                   └─TriageAlerts─► alerts
+                                                                 └─────(+ patient_twin)─TriageAlerts─► alerts
     every stage ───────────────────────────────────────────────────────────────────► dead_letters
                                  all tables ──WriteTables──► Parquet | BigQuery
 
@@ -116,7 +116,8 @@ class Imaging(beam.PTransform):
         found = studies["images"] | "DetectOpacities" >> DetectOpacities(self._config.inference)
         detections = ({"detections": found["detections"], "device_twin": inputs["device_twin"]}
                       | "FlagDeviceQuality" >> FlagDeviceQuality(self._config.triage))
-        alerts = ({"detections": detections, "patient_twin": inputs["patient_twin"]}
+        # Triage does not wait for the device join: it needs only the image and the patient's NEWS2.
+        alerts = ({"detections": found["detections"], "patient_twin": inputs["patient_twin"]}
                   | "TriageAlerts" >> TriageAlerts(self._config.triage))
         dead_letters = (studies[DEAD_LETTERS], found[DEAD_LETTERS]) | "ImagingDeadLetters" >> beam.Flatten()
         return {"detections": detections, "alerts": alerts, DEAD_LETTERS: dead_letters}

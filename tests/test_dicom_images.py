@@ -237,13 +237,16 @@ def test_fetch_rejects_uris_outside_the_allowed_prefixes(tmp_path):
     assert check_uri("gs://bucket/dicom/x.dcm", ("gs://bucket/dicom",)) == "gs://bucket/dicom/x.dcm"
 
 
-def test_fetch_rejects_parent_segments_and_globs(tmp_path):
+def test_fetch_rejects_parent_segments_globs_and_control_characters(tmp_path):
     (tmp_path / "input").mkdir()
     (tmp_path / "secret.dcm").write_bytes(b"x")
     error = _fetch_rejection(f"{tmp_path}/input/../secret.dcm", [tmp_path / "input"])
     assert error.kind == dicom_fetch.PARENT_SEGMENT and "parent directory" in str(error)
     assert _fetch_rejection("gs://bucket/dicom/../x", ["gs://bucket/dicom"]).kind == dicom_fetch.PARENT_SEGMENT
     assert _fetch_rejection(f"{tmp_path}/input/*.dcm", [tmp_path / "input"]).kind == dicom_fetch.GLOB_CHARACTERS
+    for forged in ("a\x00b.dcm", "a\nb.dcm"):   # JSON carries \u0000; the OS path calls would raise on it
+        assert _fetch_rejection(f"{tmp_path}/input/{forged}", [tmp_path / "input"]).kind == \
+            dicom_fetch.CONTROL_CHARACTERS
 
 
 def test_fetch_rejects_a_symlink_escaping_the_prefix_and_follows_one_inside(tmp_path):

@@ -481,11 +481,14 @@ class ToDetectionRowsFn(beam.DoFn):
 
 
 class FailedBatchToDeadLettersFn(beam.DoFn):
-    """(failed batch, exception) from RunInference -> one dead letter per image of the batch."""
+    """(failed batch, (exception type, repr, traceback)) from RunInference -> one dead letter per image.
+
+    The reason names the exception, not its traceback (which stays in the worker logs).
+    """
 
     def process(self, failure, timestamp=beam.DoFn.TimestampParam):
-        batch, error = failure
-        reason = f"inference failed for a batch of {len(batch)}: {type(error).__name__}: {error}"
+        batch, (_, error_repr, _) = failure
+        reason = f"inference failed for a batch of {len(batch)}: {error_repr}"
         for study in batch:
             at = _timestamp_of(study, timestamp)
             yield TimestampedValue(reference_dead_letter(STAGE, reason, _reference_of(study), at), at)

@@ -6,7 +6,8 @@ so it is untrusted: a forged reference must not make the pipeline read
 ``/etc/shadow`` or a 50 GB object.  The checks run in this order, each with its
 own dead-letter reason:
 
-1. no ``..`` segment (refused outright, not normalised away);
+1. no ``..`` segment (refused outright, not normalised away), no control
+   characters (a NUL would make the OS path calls raise);
 2. no glob characters: `FileSystems.match` would expand them into a listing;
 3. the uri lies under one of the allowed prefixes, on a path-segment boundary
    (``/data/in`` allows ``/data/in/x.dcm``, not ``/data/input/x.dcm``);
@@ -42,6 +43,7 @@ STAGE = "fetch_dicom"
 # Rejection kinds: the first words of every fetch dead-letter reason.
 PARENT_SEGMENT = "'..' segment in uri"
 GLOB_CHARACTERS = "glob characters in uri"
+CONTROL_CHARACTERS = "control characters in uri"
 OUTSIDE_PREFIXES = "uri outside the allowed prefixes"
 SYMLINK_ESCAPE = "symlink escapes the allowed prefixes"
 NO_FILESYSTEM = "no filesystem for uri"
@@ -80,6 +82,8 @@ def check_uri(uri: str, allowed_prefixes: tuple[str, ...]) -> str:
         raise FetchRejected(OUTSIDE_PREFIXES, f"uri {uri!r} is empty or not a string")
     if ".." in re.split(r"[/\\]", uri):
         raise FetchRejected(PARENT_SEGMENT, f"{uri!r} names a parent directory")
+    if any(ord(character) < 32 or character == "\x7f" for character in uri):
+        raise FetchRejected(CONTROL_CHARACTERS, f"{uri!r} contains control characters")
     if _GLOB.search(uri):
         raise FetchRejected(GLOB_CHARACTERS, f"{uri!r} contains one of * ? [ ], which FileSystems would expand")
     matching = [prefix for prefix in allowed_prefixes if _under(uri, prefix)]

@@ -35,7 +35,7 @@ from transforms.windowing import ApplyWindowPolicy, WindowPolicy
 
 ALERTS = "alerts"
 OBSERVATION = "observation"
-_ELEVATED_BANDS = {"medium": 2, "high": 3}
+ELEVATED_BAND_LEVELS = {"medium": 2, "high": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ class PatientStateFn(beam.DoFn):
         """The twin row for `pane` and the alerts it raises (one per onset: the history remembers)."""
         row = self._row(key, pane, history, pane_fields)
         alerts = []
-        band_level = _ELEVATED_BANDS.get(row["news2_band"], 0)
+        band_level = ELEVATED_BAND_LEVELS.get(row["news2_band"], 0)
         if band_level > history.news2_alerted_level:
             history.news2_alerted_level = band_level
             alerts.append(self._news2_alert(key, row))
@@ -206,7 +206,7 @@ class PatientStateFn(beam.DoFn):
         history.baseline_heart_rate = self._ewma(history.baseline_heart_rate, pane["heart_rate_mean"])
         history.baseline_temperature_c = self._ewma(history.baseline_temperature_c, pane["temperature_c_mean"])
         history.last_final_sample_us = max(history.last_final_sample_us or 0, pane["last_sample_us"])
-        calmer = row["news2_band"] not in _ELEVATED_BANDS
+        calmer = row["news2_band"] not in ELEVATED_BAND_LEVELS
         if calmer and pane["window_start_us"] > (history.news2_last_elevated_us or -1):
             history.news2_alerted_level = 0
 

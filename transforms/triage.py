@@ -2,7 +2,7 @@
 
     detections (no quality fields) ─┐
     final device_twin rows ─────────┴─ FlagDeviceQuality ─► detections rows (quality_flag, quality_reasons)
-    detections rows ────────────────┐
+    detections (no quality fields) ─┐
     patient_twin rows (any pane) ───┴─ TriageAlerts ──────► triage alerts
 
 Both joins are stateful DoFns keyed by device or patient, so they work the same
@@ -10,7 +10,7 @@ on a bounded batch and on an unbounded stream:
 
 * A detection waits for the **final** row of its device's window that holds
   the acquisition time (degraded = failure risk over the alert threshold,
-  overdue maintenance, or a degraded/offline status), at most until that row
+  overdue maintenance, or a degraded/offline/service status), at most until that row
   must have come (window end + lateness + one gate tick); a device with no row
   by then is flagged unknown, not degraded.
 * A triage alert is raised once per image when a positive image
@@ -23,7 +23,6 @@ on a bounded batch and on an unbounded stream:
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 
 import apache_beam as beam
@@ -34,12 +33,15 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.decode import to_micros
+from transforms.device_health import NOT_WORKING_STATUSES, RiskConfig
+from transforms.device_twin import DeviceTwinConfig
+from transforms.patient_twin import ELEVATED_BAND_LEVELS
 from transforms.windowing import WindowPolicy
 
 DETECTION, DEVICE_WINDOW, PATIENT_WINDOW = "detection", "device_window", "patient_window"
-DEGRADED_STATUSES = ("degraded", "offline", "service")
+DEGRADED_STATUSES = ("degraded", *NOT_WORKING_STATUSES)
 UNKNOWN_DEVICE_STATE = "device state unknown: no device_twin row for the acquisition window"
-ELEVATED_BANDS = ("medium", "high")
+ELEVATED_BANDS = tuple(ELEVATED_BAND_LEVELS)
 MEMORY_SECONDS = 24 * 3600   # how far back each join remembers the other side
 
 
@@ -53,8 +55,8 @@ class TriageConfig:
       triage_window_seconds: how close in event time image and elevated NEWS2 must be.
     """
 
-    device_policy: WindowPolicy = WindowPolicy(window_seconds=300, allowed_lateness_seconds=600, tick_seconds=60)
-    risk_threshold: float = 0.6
+    device_policy: WindowPolicy = DeviceTwinConfig().policy
+    risk_threshold: float = RiskConfig().alert_threshold
     positive_probability: float = 0.5
     triage_window_seconds: int = 3600
 
@@ -86,7 +88,7 @@ class _FlagDeviceQualityFn(beam.DoFn):
         self._final_after_us = (policy.allowed_lateness_seconds + policy.tick_seconds) * 1_000_000 + 1000
 
     def _window_start(self, row: dict) -> int:
-        return to_micros(row["acquisition_time"]) // self._window_us * self._window_us
+        return self._config.device_policy.window_start_us(to_micros(row["acquisition_time"]))
 
     def _deadline_us(self, row: dict) -> int:
         return self._window_start(row) + self._window_us + self._final_after_us
@@ -130,7 +132,8 @@ class _FlagDeviceQualityFn(beam.DoFn):
 class _TriageFn(beam.DoFn):
     """(patient_key, (kind, row)) -> one triage alert per positive image with elevated NEWS2 nearby."""
 
-    STATE = ReadModifyWriteStateSpec("state", PickleCoder())  # {"elevated": {start_us: row}, "positive": {...}}
+    # {"elevated": {start_us: row}, "positive": {sop: detection}, "alerted": {sop: acquisition_us}}
+    STATE = ReadModifyWriteStateSpec("state", PickleCoder())
 
     def __init__(self, config: TriageConfig):
         self._config = config
@@ -138,7 +141,7 @@ class _TriageFn(beam.DoFn):
 
     def process(self, element, state=beam.DoFn.StateParam(STATE)):
         key, (kind, row) = element
-        known = state.read() or {"elevated": {}, "positive": {}, "alerted": set()}
+        known = state.read() or {"elevated": {}, "positive": {}, "alerted": {}}
         if kind == PATIENT_WINDOW:
             known["elevated"][to_micros(row["window_start"])] = row
         elif row["sop_instance_uid"] not in known["alerted"]:
@@ -146,7 +149,7 @@ class _TriageFn(beam.DoFn):
         for sop, detection in list(known["positive"].items()):
             match = self._nearest_elevated(detection, known["elevated"])
             if match is not None:
-                known["alerted"].add(sop)
+                known["alerted"][sop] = to_micros(detection["acquisition_time"])
                 del known["positive"][sop]
                 yield self._alert(key, detection, match)
         self._forget_old(known)
@@ -164,6 +167,7 @@ class _TriageFn(beam.DoFn):
         horizon = max(times) - MEMORY_SECONDS * 1_000_000
         known["elevated"] = {s: r for s, r in known["elevated"].items() if s > horizon}
         known["positive"] = {u: d for u, d in known["positive"].items() if to_micros(d["acquisition_time"]) > horizon}
+        known["alerted"] = {u: taken for u, taken in known["alerted"].items() if taken > horizon}
 
     def _alert(self, key: str, detection: dict, window: dict) -> dict:
         onset = detection["acquisition_time"]
@@ -180,12 +184,8 @@ class _TriageFn(beam.DoFn):
             "message": (f"COVID-like opacity on chest X-ray (p={detection['covid_probability']:.2f}, AI, not for "
                         f"clinical use) with NEWS2 {window['news2_score']} ({window['news2_band']}) "
                         f"at {window['window_start']:%H:%M}"),
-            "evidence": json.dumps(evidence, default=_iso, sort_keys=True),
+            "evidence": json.dumps(evidence, default=str, sort_keys=True),  # as the other alert kinds
         }
-
-
-def _iso(value):
-    return value.isoformat() if isinstance(value, dt.datetime) else str(value)
 
 
 class FlagDeviceQuality(beam.PTransform):
