@@ -1,5 +1,7 @@
 """The patient twin: window statistics, NEWS2, panes, finality, lateness, alerts."""
 
+import random
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -14,7 +16,7 @@ from schemas import DEAD_LETTERS as DEAD_LETTERS_TABLE
 from schemas import PATIENT_TWIN, SchemaError, validate
 from transforms.decode import to_micros
 from transforms.patient_twin import PatientTwin, PatientTwinConfig
-from transforms.vital_stats import VitalStatsFn, summarise
+from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, summarise, window_statistics
 from transforms.windowing import WindowPolicy
 from twin_fixtures import at, chunk, create_timestamped, observation, timestamped
 
@@ -71,6 +73,33 @@ def test_a_retry_after_compaction_is_still_a_duplicate_of_its_own_wearable():
     assert stats["sample_count"] == 3 and stats["duplicates_removed"] == 3
     assert stats == summarise([chunk([0, 5], heart_rate=60.0), chunk([5], heart_rate=100.0, device="W-2"),
                                chunk([5], heart_rate=60.0), chunk([0, 5], heart_rate=60.0)])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_and_streaming_statistics_keep_the_same_copy_of_a_conflicting_retry(seed):
+    rng = random.Random(seed)
+    sent = [chunk([0, 5, 10], heart_rate=60.0), chunk([5, 10], heart_rate=90.0, stage="rem"),
+            chunk([10], heart_rate=90.0, stage=None), chunk([5], heart_rate=100.0, device="W-2"),
+            chunk([0, 5], heart_rate=60.0, spo2=95.0)]
+    rng.shuffle(sent)
+    # Streaming: any arrival order, compacted at any point.
+    combine = VitalStatsFn()
+    accumulator = combine.create_accumulator()
+    for index, part in enumerate(sent):
+        accumulator = combine.add_input(accumulator, part)
+        if rng.random() < 0.5:
+            accumulator = combine.compact(accumulator)
+    streaming = combine.extract_output(accumulator)
+    # Batch: the same chunks collected per patient, in another order, partly pre-combined.
+    collect = CollectWindowedSamplesFn()
+    rng.shuffle(sent)
+    halves = [collect.create_accumulator(), collect.create_accumulator()]
+    for index, part in enumerate(sent):
+        halves[index % 2] = collect.add_input(halves[index % 2], (0, part))
+    halves = [collect.compact(half) if rng.random() < 0.5 else half for half in halves]
+    (window,) = window_statistics(collect.extract_output(collect.merge_accumulators(halves)))
+    assert window == (0, streaming)
+    assert streaming["heart_rate_min"] == 60.0 and streaming["spo2_min"] == 95.0
 
 
 def test_batch_rows_are_final_with_news2_baselines_and_one_alert_per_onset():

@@ -93,7 +93,7 @@ class SampleChunk(NamedTuple):
 
     def __reduce__(self):
         try:
-            stages = bytes(map(_STAGE_CODES.__getitem__, self.sleep_stages))
+            stages = bytes(map(STAGE_CODES.__getitem__, self.sleep_stages))
         except (KeyError, TypeError):  # not a schema stage: keep them as they are
             stages = tuple(self.sleep_stages)
         return _chunk_from_buffers, (
@@ -102,14 +102,14 @@ class SampleChunk(NamedTuple):
             np.ascontiguousarray(self.steps, dtype=np.float64).tobytes(), stages)
 
 
-_STAGES_BY_CODE = (*SLEEP_STAGES, None)
-_STAGE_CODES = {stage: code for code, stage in enumerate(_STAGES_BY_CODE)}
+STAGES_BY_CODE = (*SLEEP_STAGES, None)  # sleep stages as small integer codes
+STAGE_CODES = {stage: code for code, stage in enumerate(STAGES_BY_CODE)}
 
 
 def _chunk_from_buffers(device_id: str, times: bytes, vitals: bytes, steps: bytes, stages: bytes | tuple):
     """The inverse of `SampleChunk.__reduce__`."""
     if isinstance(stages, bytes):
-        stages = tuple(map(_STAGES_BY_CODE.__getitem__, stages))
+        stages = tuple(map(STAGES_BY_CODE.__getitem__, stages))
     return SampleChunk(device_id, np.frombuffer(times, dtype=np.int64),
                        np.frombuffer(vitals, dtype=np.float64).reshape(-1, len(VITAL_NAMES)),
                        np.frombuffer(steps, dtype=np.float64), stages)

@@ -21,8 +21,8 @@ from typing import Iterator, NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from schemas.inputs import SLEEP_STAGES, VITAL_NAMES
-from transforms.decode import SampleChunk
+from schemas.inputs import VITAL_NAMES
+from transforms.decode import STAGE_CODES, STAGES_BY_CODE, SampleChunk
 
 
 class VitalStatsFn(beam.CombineFn):
@@ -71,7 +71,8 @@ def deduplicate(chunks: list[SampleChunk]) -> tuple[SampleChunk, int]:
     """Chunks of one patient-window -> (one time-ordered chunk without duplicates, duplicates removed).
 
     A duplicate is a second sample from the same wearable at the same event time (an upload retried).
-    The merged chunk's ``device_id`` joins the wearables' ids with ``+``.
+    Which copy is kept does not depend on arrival order (see `_value_keys`). The merged chunk's
+    ``device_id`` joins the wearables' ids with ``+``.
     """
     if len(chunks) == 1 and _strictly_increasing(chunks[0].times_us):
         return chunks[0], 0  # the common case: one upload per window, already ordered, nothing to remove
@@ -82,12 +83,23 @@ def deduplicate(chunks: list[SampleChunk]) -> tuple[SampleChunk, int]:
     vitals = np.concatenate([c.vitals for c in chunks])
     steps = np.concatenate([c.steps for c in chunks])
     stages = [stage for c in chunks for stage in c.sleep_stages]
-    order = np.lexsort((owner, times))  # by time, then wearable
+    ranks = np.fromiter((STAGE_CODES[stage] for stage in stages), dtype=np.int64, count=len(stages))
+    order = np.lexsort((*_value_keys(vitals, steps, ranks), owner, times))  # by time, wearable, then values
     times, owner, vitals, steps = times[order], owner[order], vitals[order], steps[order]
     keep = np.r_[True, (times[1:] != times[:-1]) | (owner[1:] != owner[:-1])]
     kept_stages = tuple(stages[i] for i, k in zip(order, keep) if k)
     merged = SampleChunk("+".join(devices), times[keep], vitals[keep], steps[keep], kept_stages)
     return merged, int(len(keep) - keep.sum())
+
+
+def _value_keys(vitals: np.ndarray, steps: np.ndarray, stage_ranks: np.ndarray) -> tuple:
+    """Least-significant `np.lexsort` keys ranking copies of one sample by their values.
+
+    Retries normally repeat a sample exactly; when two copies differ, the first in this order (the
+    lowest readings, missing values last) is kept, in batch and in streaming alike, whatever order
+    the copies arrived in.
+    """
+    return (stage_ranks, steps, *vitals.T[::-1])
 
 
 def _strictly_increasing(times_us: np.ndarray) -> bool:
@@ -209,7 +221,7 @@ def concatenate(parts: list) -> WindowedSamples:
     blocks = [part for part in parts if isinstance(part, WindowedSamples)]
     pairs = [part for part in parts if not isinstance(part, WindowedSamples)]
     chunks = [chunk for _, chunk in pairs]
-    devices, stages = _Codes(), _Codes(_STAGES)
+    devices, stages = _Codes(), _Codes(STAGES_BY_CODE)
     lengths = [len(chunk.times_us) for chunk in chunks]
     window_start_us = [np.repeat(np.array([start for start, _ in pairs], dtype=np.int64), lengths)]
     device_codes = [np.repeat(devices.of([chunk.device_id for chunk in chunks]), lengths)]
@@ -228,7 +240,6 @@ def concatenate(parts: list) -> WindowedSamples:
         stages.values(), np.concatenate(stage_codes))
 
 
-_STAGES = (*SLEEP_STAGES, None)
 
 
 class _Codes:
@@ -255,8 +266,10 @@ class _Codes:
 
 def window_statistics(samples: WindowedSamples) -> Iterator[tuple[int, dict]]:
     """A patient's samples -> (window_start_us, `summarise` of that window) per window, in window order."""
-    # By window, then time, then wearable: each window ordered as `deduplicate` orders it.
-    order = np.lexsort((samples.device_codes, samples.times_us, samples.window_start_us))
+    # By window, then time, wearable and values: each window ordered as `deduplicate` orders it.
+    ranks = np.array([STAGE_CODES[stage] for stage in samples.sleep_stages], dtype=np.int64)
+    values = _value_keys(samples.vitals, samples.steps, ranks[samples.sleep_stage_codes])
+    order = np.lexsort((*values, samples.device_codes, samples.times_us, samples.window_start_us))
     windows, times, owner = samples.window_start_us[order], samples.times_us[order], samples.device_codes[order]
     keep = np.r_[True, (windows[1:] != windows[:-1]) | (times[1:] != times[:-1]) | (owner[1:] != owner[:-1])]
     removed = np.bincount(np.searchsorted(windows[keep], windows[~keep]), minlength=int(keep.sum()))
