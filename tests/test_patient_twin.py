@@ -4,6 +4,7 @@ import random
 
 import apache_beam as beam
 import pytest
+from apache_beam.coders import TimestampCoder
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -17,7 +18,7 @@ from schemas import PATIENT_TWIN, SchemaError, validate
 from transforms.decode import to_micros
 from transforms.patient_twin import PatientTwin, PatientTwinConfig
 from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, summarise, window_statistics
-from transforms.windowing import WindowPolicy
+from transforms.windowing import WindowPolicy, timer_time
 from twin_fixtures import at, chunk, create_timestamped, observation, timestamped
 
 PANE_FIELDS = ("pane_index", "pane_timing", "is_final")
@@ -206,3 +207,12 @@ def test_batch_and_streaming_agree_on_final_rows():
         results[streaming] = _final_without_pane_fields(_COLLECTED[streaming])
     assert len(results[False]) == 3
     assert results[False] == results[True]
+
+
+@pytest.mark.parametrize("micros", [1772432141350442, 1772432141350000, 1772432141350001, 1772432141350999])
+def test_a_timer_set_for_a_sub_millisecond_moment_does_not_fire_before_it(micros):
+    # The Fn API's timer coder keeps milliseconds: a stale timer set at the raw sample time plus
+    # the silence would come back before it and the staleness check would never pass.
+    coder = TimestampCoder()
+    fired = coder.decode(coder.encode(timer_time(micros))).micros
+    assert micros <= fired < micros + 1000 and fired % 1000 == 0

@@ -31,7 +31,7 @@ from transforms.decode import SampleChunk, to_micros
 from transforms.news2 import score_news2
 from transforms.panes import PANE, AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
 from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, window_statistics
-from transforms.windowing import ApplyWindowPolicy, WindowPolicy
+from transforms.windowing import ApplyWindowPolicy, WindowPolicy, timer_time
 
 ALERTS = "alerts"
 OBSERVATION = "observation"
@@ -127,7 +127,7 @@ class PatientStateFn(beam.DoFn):
         if self._policy.streaming and (history.newest_sample_us is None
                                        or pane["last_sample_us"] > history.newest_sample_us):
             history.newest_sample_us = pane["last_sample_us"]
-            stale.set(Timestamp(micros=history.newest_sample_us + self._stale_us))
+            stale.set(timer_time(history.newest_sample_us + self._stale_us))
         history_state.write(history)
 
     @on_timer(EXPIRY)

@@ -30,13 +30,12 @@ from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindows
-from apache_beam.utils.timestamp import Timestamp
 
 from transforms.decode import to_micros
 from transforms.device_health import NOT_WORKING_STATUSES, RiskConfig
 from transforms.device_twin import DeviceTwinConfig
 from transforms.patient_twin import ELEVATED_BAND_LEVELS
-from transforms.windowing import WindowPolicy
+from transforms.windowing import WindowPolicy, timer_time
 
 DETECTION, DEVICE_WINDOW, PATIENT_WINDOW = "detection", "device_window", "patient_window"
 DEGRADED_STATUSES = ("degraded", *NOT_WORKING_STATUSES)
@@ -84,8 +83,7 @@ class _FlagDeviceQualityFn(beam.DoFn):
         self._config = config
         policy = config.device_policy
         self._window_us = policy.window_seconds * 1_000_000
-        # Just after the final row is due; whole milliseconds, the resolution of Beam timers.
-        self._final_after_us = (policy.allowed_lateness_seconds + policy.tick_seconds) * 1_000_000 + 1000
+        self._final_after_us = (policy.allowed_lateness_seconds + policy.tick_seconds) * 1_000_000 + 1  # just after
 
     def _window_start(self, row: dict) -> int:
         return self._config.device_policy.window_start_us(to_micros(row["acquisition_time"]))
@@ -108,7 +106,7 @@ class _FlagDeviceQualityFn(beam.DoFn):
             yield self._flagged(row, known["windows"][self._window_start(row)])
         else:
             known["waiting"].append(row)
-            deadline.set(Timestamp(micros=min(self._deadline_us(d) for d in known["waiting"])))
+            deadline.set(timer_time(min(self._deadline_us(d) for d in known["waiting"])))
         state.write(known)
 
     @on_timer(DEADLINE)
@@ -120,7 +118,7 @@ class _FlagDeviceQualityFn(beam.DoFn):
         for row in due:
             yield beam.window.TimestampedValue(self._flagged(row, None), fired)
         if known["waiting"]:
-            deadline.set(Timestamp(micros=min(self._deadline_us(d) for d in known["waiting"])))
+            deadline.set(timer_time(min(self._deadline_us(d) for d in known["waiting"])))
         state.write(known)
 
     @staticmethod

@@ -94,6 +94,15 @@ class WindowPolicy:
         return (timestamp_us // size + 1) * size + self.allowed_lateness_seconds * 1_000_000
 
 
+def timer_time(micros: int) -> Timestamp:
+    """When to set an event-time timer that must not fire before `micros`.
+
+    Beam timers keep whole milliseconds (the Fn API's timer coder drops the rest), so a timer
+    set at 06:10:41.350442 would fire at .350000, before the moment it waits for.
+    """
+    return Timestamp(micros=-(-micros // 1000) * 1000)
+
+
 def _shard(key: Any, shards: int) -> int:
     return zlib.crc32(repr(key).encode("utf-8")) % shards
 
