@@ -98,6 +98,16 @@ def test_valid_samples_in_any_timestamp_form_and_unhashable_stages_do_not_stop_t
     assert [d["reason"] for d in dead] == ["WearableUpload.samples[3].sleep_stage: expected a string, got list ['rem']"]
 
 
+def test_timestamps_the_schema_refuses_are_dead_letters_on_the_fast_path_too():
+    forged = ["2026-03-02T06:00:10+01:00Z", "+12026-03-02T06:00:15Z", "12026-03-02T06:00:20Z"]
+    samples = [_sample(0, heart_rate=70.0), _sample(5, heart_rate=71.0),
+               *({"event_time": when, "heart_rate": 72.0} for when in forged)]
+    chunks, dead = _decode_wearables([_upload(samples)])
+    (chunk,) = [c.value[1] for c in chunks]
+    np.testing.assert_array_equal(chunk.vitals[:, 0], [70.0, 71.0])
+    assert [d["reason"].split(":")[0] for d in dead] == [f"WearableUpload.samples[{i}].event_time" for i in (2, 3, 4)]
+
+
 def test_a_chunk_pickles_compactly_and_back():
     samples = [_sample(s, heart_rate=60.0 + s, spo2=97, steps=3, sleep_stage="light") for s in range(0, 30, 10)]
     samples[1]["sleep_stage"] = None

@@ -102,6 +102,7 @@ class SampleChunk(NamedTuple):
             np.ascontiguousarray(self.steps, dtype=np.float64).tobytes(), stages)
 
 
+_AFTER_YEAR_9999_US = int(np.datetime64("10000-01-01T00:00:00", "us").astype(np.int64))
 STAGES_BY_CODE = (*SLEEP_STAGES, None)  # sleep stages as small integer codes
 STAGE_CODES = {stage: code for code, stage in enumerate(STAGES_BY_CODE)}
 
@@ -335,10 +336,17 @@ def _sample_columns(samples: list) -> dict[str, Sequence]:
 
 def _times_us(values: Sequence) -> np.ndarray:
     if set(map(type, values)) == {str} and all(map(str.endswith, values, itertools.repeat("Z"))):
+        joined = "".join(values)
+        # numpy would also take an offset before the Z or a signed year, which the schema refuses.
+        if "+" in joined or joined.count("-") != 2 * len(values):
+            raise _NeedsSampleBySample
         try:
-            return np.array([v[:-1] for v in values], dtype="datetime64[us]").astype(np.int64)
+            times = np.array([v[:-1] for v in values], dtype="datetime64[us]").astype(np.int64)
         except ValueError:
             raise _NeedsSampleBySample from None
+        if times.max() >= _AFTER_YEAR_9999_US:  # a five-digit year: not ISO-8601 for the schema either
+            raise _NeedsSampleBySample
+        return times
     if all(isinstance(v, dt.datetime) and v.tzinfo is not None for v in values):
         return np.array([to_micros(v) for v in values], dtype=np.int64)
     raise _NeedsSampleBySample

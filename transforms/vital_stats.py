@@ -83,13 +83,35 @@ def deduplicate(chunks: list[SampleChunk]) -> tuple[SampleChunk, int]:
     vitals = np.concatenate([c.vitals for c in chunks])
     steps = np.concatenate([c.steps for c in chunks])
     stages = [stage for c in chunks for stage in c.sleep_stages]
-    ranks = np.fromiter((STAGE_CODES[stage] for stage in stages), dtype=np.int64, count=len(stages))
-    order = np.lexsort((*_value_keys(vitals, steps, ranks), owner, times))  # by time, wearable, then values
-    times, owner, vitals, steps = times[order], owner[order], vitals[order], steps[order]
-    keep = np.r_[True, (times[1:] != times[:-1]) | (owner[1:] != owner[:-1])]
-    kept_stages = tuple(stages[i] for i, k in zip(order, keep) if k)
-    merged = SampleChunk("+".join(devices), times[keep], vitals[keep], steps[keep], kept_stages)
-    return merged, int(len(keep) - keep.sum())
+    order = np.lexsort((owner, times))  # by time, then wearable
+    in_time, by_owner = times[order], owner[order]
+    repeat = np.r_[False, (in_time[1:] == in_time[:-1]) & (by_owner[1:] == by_owner[:-1])]
+
+    def value_keys(rows):
+        ranks = np.fromiter((STAGE_CODES[stages[row]] for row in rows), dtype=np.int64, count=len(rows))
+        return _value_keys(vitals[rows], steps[rows], ranks)
+
+    kept = _one_copy_per_sample(order, repeat, value_keys)
+    merged = SampleChunk("+".join(devices), times[kept], vitals[kept], steps[kept], tuple(stages[i] for i in kept))
+    return merged, len(order) - len(kept)
+
+
+def _one_copy_per_sample(order: np.ndarray, repeat: np.ndarray, value_keys) -> np.ndarray:
+    """The rows to keep, one per sample, in `order`.
+
+    order: row indices sorted so that copies of a sample are adjacent; repeat[i]: order[i] is a
+    copy of the sample at order[i - 1]; value_keys(rows): `_value_keys` of those rows. Only
+    samples with copies are ranked by value (retries are a few percent of samples).
+    """
+    sample = np.cumsum(~repeat) - 1
+    kept = order[~repeat]
+    copied = np.isin(sample, sample[repeat])
+    if copied.any():
+        rows, samples = order[copied], sample[copied]
+        by_value = np.lexsort((*value_keys(rows), samples))
+        first = np.r_[True, samples[by_value][1:] != samples[by_value][:-1]]
+        kept[samples[by_value][first]] = rows[by_value][first]
+    return kept
 
 
 def _value_keys(vitals: np.ndarray, steps: np.ndarray, stage_ranks: np.ndarray) -> tuple:
@@ -266,15 +288,15 @@ class _Codes:
 
 def window_statistics(samples: WindowedSamples) -> Iterator[tuple[int, dict]]:
     """A patient's samples -> (window_start_us, `summarise` of that window) per window, in window order."""
-    # By window, then time, wearable and values: each window ordered as `deduplicate` orders it.
-    ranks = np.array([STAGE_CODES[stage] for stage in samples.sleep_stages], dtype=np.int64)
-    values = _value_keys(samples.vitals, samples.steps, ranks[samples.sleep_stage_codes])
-    order = np.lexsort((*values, samples.device_codes, samples.times_us, samples.window_start_us))
+    # By window, then time and wearable: each window ordered as `deduplicate` orders it.
+    order = np.lexsort((samples.device_codes, samples.times_us, samples.window_start_us))
     windows, times, owner = samples.window_start_us[order], samples.times_us[order], samples.device_codes[order]
-    keep = np.r_[True, (windows[1:] != windows[:-1]) | (times[1:] != times[:-1]) | (owner[1:] != owner[:-1])]
-    removed = np.bincount(np.searchsorted(windows[keep], windows[~keep]), minlength=int(keep.sum()))
-    kept = order[keep]
-    windows, times = windows[keep], times[keep]
+    repeat = np.r_[False, (windows[1:] == windows[:-1]) & (times[1:] == times[:-1]) & (owner[1:] == owner[:-1])]
+    ranks = np.array([STAGE_CODES[stage] for stage in samples.sleep_stages], dtype=np.int64)
+    kept = _one_copy_per_sample(order, repeat, lambda rows: _value_keys(
+        samples.vitals[rows], samples.steps[rows], ranks[samples.sleep_stage_codes[rows]]))
+    windows, times = samples.window_start_us[kept], samples.times_us[kept]
+    removed = np.bincount(np.searchsorted(windows, samples.window_start_us[order[repeat]]), minlength=len(kept))
     vitals, steps, stage_codes = samples.vitals[kept], samples.steps[kept], samples.sleep_stage_codes[kept]
     named = np.array([stage is not None for stage in samples.sleep_stages], dtype=bool)[stage_codes]
     starts = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1]]).tolist()
