@@ -31,10 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.cli import main as medtwin  # noqa: E402
 from pipelines.query import connect  # noqa: E402
-
-
-def _time(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+from schemas.contract import parse_timestamp  # noqa: E402
 
 
 def judge(alerts: list[tuple[str, dt.datetime]], failures: dict[str, dt.datetime], horizon: dt.timedelta):
@@ -60,7 +57,7 @@ def run_seed(seed: int, args, work: Path):
                         "--hours", str(args.hours), "--seed", str(seed)]) == 0
         assert medtwin(["run", "--input", str(hospital), "--output", str(out), "--demo"]) == 0
     truth = json.loads((hospital / "truth" / "device_failures.json").read_text())
-    failures = {f["device_id"]: _time(f["failure_time"]) for f in truth["failures"]}
+    failures = {f["device_id"]: parse_timestamp(f["failure_time"], "failure_time") for f in truth["failures"]}
     rows = connect(str(out)).execute(
         "select subject_id, onset_time from alerts where kind = 'device_failure_risk'").fetchall()
     alerts = [(device, onset.astimezone(dt.timezone.utc)) for device, onset in rows]

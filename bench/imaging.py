@@ -45,11 +45,11 @@ from model.checkpoint import load_detector  # noqa: E402
 from model.preprocess import prepare_dicom  # noqa: E402
 from model.radiograph import synthesize_chest_xray  # noqa: E402
 from simulator.dicom import PatientIdentity, StudyInfo, write_chest_radiograph  # noqa: E402
+from pipelines.config import DEFAULT_WEIGHTS  # noqa: E402
 from transforms.detect import DetectOpacities, InferenceConfig, model_input_size  # noqa: E402
 from transforms.dicom_decode import DicomReadConfig, ReadStudies  # noqa: E402
 
 BENCH_SEED = 5151
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "cascade_tiny.safetensors"
 START = dt.datetime(2026, 3, 1, 8, 0, tzinfo=dt.timezone.utc)
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS)
     parser.add_argument("--share-across-processes", action="store_true",
                         help="pipeline: one model per machine via Beam MultiProcessShared (a model server process)")
     args = parser.parse_args(argv)

@@ -97,11 +97,9 @@ def load_detector(path: str | Path, *, device: str | torch.device = "cpu") -> Lo
             weights that do not fit the configured architecture.
     """
     path = _checkpoint_path(path)
-    metadata = _read_json(path.with_suffix(".json"), expected_format=FORMAT)
+    metadata = read_detector_metadata(path)
     config = config_from_dict(metadata["config"])
     arch = metadata["arch"]
-    if arch not in ARCHS:
-        raise ValueError(f"{path}: unknown arch {arch!r} in its JSON")
     state = load_file(str(path), device="cpu")
     version = weights_version(state)
     if version != metadata["version"]:
@@ -215,6 +213,15 @@ def _checkpoint_path(path: str | Path) -> Path:
         raise ValueError(f"{path}: detector checkpoints are safetensors files ({SUFFIX}) with a .json beside "
                          "them; pickle-based files (.pt, .pth, .ckpt) are refused because loading them can run code")
     return path
+
+
+def read_detector_metadata(path: str | Path) -> dict[str, Any]:
+    """The checked JSON beside a detector checkpoint (config, arch, version), without loading weights."""
+    path = _checkpoint_path(path)
+    metadata = _read_json(path.with_suffix(".json"), expected_format=FORMAT)
+    if metadata.get("arch") not in ARCHS:
+        raise ValueError(f"{path}: unknown arch {metadata.get('arch')!r} in its JSON")
+    return metadata
 
 
 def _read_json(path: Path, *, expected_format: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class JobConfig:
     sink: SinkConfig
     patient: PatientTwinConfig
     device: DeviceTwinConfig
-    imaging: ImagingConfig | None  # None: DICOM references are decoded and counted, images not read
+    imaging: ImagingConfig | None  # None: DICOM references are decoded, checked and counted; no image is read
     pseudonym_key: str
     streaming: bool
 
@@ -132,7 +132,7 @@ def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTw
             raise ValueError(f"--source {source_kind} reads DICOM files from elsewhere: name where with "
                              "--dicom_allowed_prefixes (or add --no_imaging)")
         prefixes = (args.input,)
-    if not Path(args.weights).is_file() and "://" not in args.weights:
+    if not Path(args.weights).is_file():  # read here, to size the decoded images, and shipped to workers
         raise ValueError(f"--weights {args.weights}: no such file (train one with `medtwin train`)")
     inference = InferenceConfig(
         weights_path=args.weights, device=args.inference_device, max_batch_size=args.inference_batch_size,

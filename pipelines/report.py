@@ -137,11 +137,11 @@ def load_xray(detection: dict, images: dict[str, str], images_dir: str | None,
               display_size: int = DISPLAY_SIZE) -> XrayPanel:
     """The display image of one detection's X-ray, or a panel that says why there is none.
 
-    Only the pixels are read: no DICOM text attribute leaves this function.
+    Only the pixels are read: no DICOM text attribute leaves this function. The file passes the
+    pipeline's own header checks (size caps, Part 10, pixel limits) before any pixel is decoded.
     """
-    import pydicom
-
     from model.preprocess import prepare_dicom
+    from transforms.dicom_decode import DicomReadConfig, check_header, read_dataset
 
     sop = detection["sop_instance_uid"]
     if not images_dir:
@@ -150,7 +150,13 @@ def load_xray(detection: dict, images: dict[str, str], images_dir: str | None,
     if path is None:
         return XrayPanel(detection, None, 1.0, f"image file not found:\n{sop}.dcm\nunder {images_dir}")
     try:
-        ds = pydicom.dcmread(path)
+        checks = DicomReadConfig(allowed_prefixes=(images_dir,), target_size=display_size)
+        if os.path.getsize(path) > checks.max_file_bytes:
+            return XrayPanel(detection, None, 1.0, f"{os.path.basename(path)}\nis over the size cap")
+        with open(path, "rb") as file:
+            data = file.read()
+        ds = read_dataset(data, checks)
+        check_header(ds, checks, data)
         if str(ds.get("SOPInstanceUID", "")) != sop:
             return XrayPanel(detection, None, 1.0, f"{os.path.basename(path)}\nholds another SOP Instance UID")
         rows, cols = int(ds.Rows), int(ds.Columns)

@@ -232,3 +232,11 @@ def test_figure_shows_the_pseudonym_and_the_warning_but_no_phi(hospital):
     assert KEY in texts and NOT_FOR_CLINICAL_USE in texts
     for phi in (PATIENT.patient_id, "Doe", "Jane", PATIENT.birth_date, "1970", "Springfield", "Who^Doctor"):
         assert phi not in texts
+
+
+def test_a_file_that_is_not_dicom_is_a_placeholder_panel_not_a_crash(hospital, tmp_path):
+    detection = load_patient(str(hospital["out"]), KEY).detections[0]
+    forged = tmp_path / f"{detection['sop_instance_uid']}.dcm"
+    forged.write_bytes(b"\0" * 200)
+    panel = load_xray(detection, index_images(str(tmp_path)), str(tmp_path))
+    assert panel.image is None and "no 'DICM' prefix" in panel.missing_reason

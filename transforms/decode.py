@@ -120,10 +120,6 @@ def to_micros(value: dt.datetime) -> int:
     return (value - EPOCH) // dt.timedelta(microseconds=1)
 
 
-def from_micros(micros: int) -> dt.datetime:
-    return EPOCH + dt.timedelta(microseconds=int(micros))
-
-
 def _parse(raw: RawRecord) -> Any:
     return raw.payload if isinstance(raw.payload, dict) else orjson.loads(raw.payload)
 

@@ -76,7 +76,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -92,6 +91,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 import model as model_package
+from model.checkpoint import read_detector_metadata
 from model.configs import config_from_dict
 from model.preprocess import boxes_to_original
 from transforms.dead_letters import DEAD_LETTERS
@@ -176,21 +176,14 @@ class ModelInfo(NamedTuple):
     name: str  # "<arch>_<config name>", e.g. "cascade_tiny"
     version: str  # weights hash, checked against the weights when they are loaded
     input_size: int  # longest image side the model expects: the decode stage's target_size
-    image_mean: float  # pixel value that normalises to 0 (the padding value)
 
 
 def read_model_info(weights_path: str) -> ModelInfo:
-    """Reads the checkpoint JSON beside `weights_path` (cheap: no torch, no weights)."""
-    path = Path(weights_path)
-    json_path = path.with_suffix(".json")
-    if not json_path.is_file():
-        raise ValueError(f"{json_path}: missing; a checkpoint's JSON must sit beside its weights")
-    metadata = json.loads(json_path.read_text())
-    if metadata.get("format") != "medtwin-detector":
-        raise ValueError(f"{json_path}: format {metadata.get('format')!r}, expected 'medtwin-detector'")
+    """Reads the checkpoint JSON beside `weights_path` (no weights loaded)."""
+    metadata = read_detector_metadata(weights_path)
     config = config_from_dict(metadata["config"])
     return ModelInfo(name=f"{metadata['arch']}_{config.name}", version=str(metadata["version"]),
-                     input_size=int(config.input_size), image_mean=float(config.image_mean[0]))
+                     input_size=int(config.input_size))
 
 
 def model_input_size(config: InferenceConfig | str) -> int:
@@ -239,7 +232,6 @@ class CascadeDetector:
         self.device = resolve_device(device)
         loaded = load_detector(weights_path, device=self.device)
         self._model = loaded.model
-        self.name = f"{loaded.arch}_{loaded.config.name}"
         self.version = loaded.version
         self.input_size = int(loaded.config.input_size)
         self._pad_value = float(loaded.config.image_mean[0])

@@ -37,6 +37,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from transforms.dead_letters import DEAD_LETTERS, dead_letter
+from transforms.panes import as_datetime
 
 STAGE = "fetch_dicom"
 
@@ -52,7 +53,6 @@ NOT_A_FILE = "not a regular file"
 TOO_LARGE = "file over the size cap"
 UNREADABLE = "file could not be read"
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _GLOB = re.compile(r"[*?\[\]]")
 
 
@@ -177,6 +177,6 @@ def reference_dead_letter(stage: str, reason: str, reference: dict, timestamp) -
     event_time = reference.get("acquisition_time")
     if not isinstance(event_time, dt.datetime):
         event_time = None
-    recorded_at = event_time or _EPOCH + dt.timedelta(microseconds=max(timestamp.micros, 0))
+    recorded_at = event_time or as_datetime(max(timestamp.micros, 0))
     return dead_letter(stage, reason, reference, recorded_at=recorded_at, source=reference.get("source"),
                        event_time=event_time)
