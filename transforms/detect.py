@@ -14,9 +14,9 @@ letters through `RunInference.with_exception_handling()`.
 AI output, not for clinical use: rows carry the model's name and weights version.
 
 Model loading and sharing.  `CascadeModelHandler.load_model` reads the safetensors
-checkpoint once per worker process (``share_across_processes=True``: Beam's
-``MultiProcessShared`` keeps ``model_copies`` copies for all SDK processes of a VM, which
-is what a GPU wants; False: one per process).  The shared object is a `CascadeDetector`,
+checkpoint once per worker VM (``share_across_processes=True``: Beam's
+``MultiProcessShared`` keeps ``model_copies`` copies for all SDK processes of the VM, which
+is what a GPU wants) or once per SDK process (False).  The shared object is a `CascadeDetector`,
 whose `detect` takes and returns plain numpy, so calls through the cross-process proxy
 pickle only arrays.
 
