@@ -136,8 +136,10 @@ def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTw
         raise ValueError(f"--weights {args.weights}: no such file (train one with `medtwin train`)")
     inference = InferenceConfig(
         weights_path=args.weights, device=args.inference_device, max_batch_size=args.inference_batch_size,
-        # A batch job batches per bundle; a stream must not hold a half-full batch for long.
-        max_batch_duration_secs=args.inference_max_wait if streaming else None,
+        # A batch job batches per bundle; a stream must not hold a half-full batch for long. A replay
+        # batches per bundle too: its TestStream clock never reaches Beam's wall-clock flush timer, so a
+        # partial batch would wait for the end of the stream, where the DirectRunner drops timer output.
+        max_batch_duration_secs=args.inference_max_wait if streaming and source_kind != "replay" else None,
         score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
         # `medtwin launch --gpu TYPE`: the inference step asks for that accelerator.
         accelerator=f"type:{args.gpu};count:1;install-nvidia-driver" if getattr(args, "gpu", None) else None)

@@ -53,10 +53,12 @@ def test_imaging_defaults_follow_the_input_the_weights_and_the_mode(tmp_path):
     assert batch.read.allowed_prefixes == (str(tmp_path),)
     assert batch.read.target_size == 256  # from cascade_tiny.json
     assert batch.inference.max_batch_duration_secs is None and batch.inference.accelerator_hint is None
-    streaming = _job_config(["run", "--input", str(tmp_path), "--demo", "--streaming",
+    streaming = _job_config(["run", "--input", str(tmp_path), "--demo", "--streaming", "--source", "watch",
                              "--inference_max_wait", "2", "--dicom_allowed_prefixes", "gs://pacs/cxr"]).imaging
     assert streaming.inference.max_batch_duration_secs == 2
     assert streaming.read.allowed_prefixes == ("gs://pacs/cxr",)
+    replay = _job_config(["run", "--input", str(tmp_path), "--demo", "--streaming"]).imaging
+    assert replay.inference.max_batch_duration_secs is None  # a replay's clock never fires the flush timer
     assert _job_config(["run", "--input", str(tmp_path), "--demo", "--no_imaging"]).imaging is None
 
 
