@@ -170,6 +170,19 @@ def test_pseudonyms_depend_on_the_key():
     assert len(PSEUDONYMS.patient_key("MRN-1")) == 32
 
 
+def test_a_pseudonym_is_the_keyed_hash_and_a_pickled_pseudonymiser_carries_no_identifier():
+    import hashlib
+    import hmac
+
+    pseudonymiser = Pseudonymiser(KEY)
+    expected = hmac.new(KEY.encode(), b"MRN-000042", hashlib.sha256).hexdigest()[:32]
+    assert pseudonymiser.patient_key("MRN-000042") == expected
+    assert pseudonymiser.patient_key("MRN-000042") == expected  # remembered, not recomputed differently
+    shipped = pickle.dumps(pseudonymiser)
+    assert b"MRN-000042" not in shipped and expected.encode() not in shipped
+    assert pickle.loads(shipped).patient_key("MRN-000042") == expected
+
+
 @pytest.mark.parametrize("key, demo, ok", [(None, True, True), (None, False, False), ("short", True, False)])
 def test_a_key_is_required_outside_the_demo(monkeypatch, key, demo, ok):
     from transforms.pseudonymise import MissingKeyError, resolve_key

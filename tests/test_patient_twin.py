@@ -3,6 +3,7 @@
 import random
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.coders import TimestampCoder
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -92,15 +93,64 @@ def test_batch_and_streaming_statistics_keep_the_same_copy_of_a_conflicting_retr
             accumulator = combine.compact(accumulator)
     streaming = combine.extract_output(accumulator)
     # Batch: the same chunks collected per patient, in another order, partly pre-combined.
-    collect = CollectWindowedSamplesFn()
+    collect = CollectWindowedSamplesFn(WindowPolicy(window_seconds=60))
     rng.shuffle(sent)
     halves = [collect.create_accumulator(), collect.create_accumulator()]
     for index, part in enumerate(sent):
-        halves[index % 2] = collect.add_input(halves[index % 2], (0, part))
+        halves[index % 2] = collect.add_input(halves[index % 2], part)
     halves = [collect.compact(half) if rng.random() < 0.5 else half for half in halves]
     (window,) = window_statistics(collect.extract_output(collect.merge_accumulators(halves)))
-    assert window == (0, streaming)
+    assert window == (to_micros(at(0)), streaming)
     assert streaming["heart_rate_min"] == 60.0 and streaming["spo2_min"] == 95.0
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_statistics_with_gaps_are_the_same_per_window_and_per_patient_block(seed):
+    """Windows with missing readings (a vital absent in some samples or a whole window, steps and
+    stages absent): the batch block's statistics equal each window's own, float for float, and
+    what a plain loop over the readings present gives."""
+    rng = np.random.default_rng(seed)
+    policy = WindowPolicy(window_seconds=60)
+    chunks = []
+    for window in range(4):
+        base = np.arange(window * 60, window * 60 + 60, 5)
+        for upload in np.array_split(base, int(rng.integers(1, 4))):
+            sent = chunk(upload.tolist(), device=str(rng.choice(["W-1", "W-2"])))
+            vitals = sent.vitals + rng.normal(0, 3, sent.vitals.shape).round(1)
+            vitals[rng.random(vitals.shape) < 0.3] = np.nan
+            if window == 2:
+                vitals[:, 2] = np.nan  # no blood pressure at all in this window
+            steps = np.where(rng.random(len(upload)) < 0.5, np.nan, sent.steps)
+            stages = tuple(None if rng.random() < 0.4 else "light" for _ in upload)
+            chunks.append(sent._replace(vitals=vitals, steps=steps, sleep_stages=stages))
+    chunks.append(chunks[1])  # a retried upload
+    collect = CollectWindowedSamplesFn(policy)
+    block = collect.extract_output(collect.merge_accumulators(
+        [collect.compact([c for c in chunks[::2]]), list(chunks[1::2])]))
+    by_window = dict(window_statistics(block))
+    assert sorted(by_window) == [to_micros(at(60 * w)) for w in range(4)]
+    for start, stats in by_window.items():
+        alone = [c for c in chunks if policy.window_start_us(int(c.times_us[0])) == start]
+        assert stats == summarise(alone)
+        merged = {}
+        for c in alone:  # one copy per (wearable, time): retries here repeat samples exactly
+            for i, t in enumerate(c.times_us.tolist()):
+                merged[(c.device_id, t)] = (c.vitals[i], c.steps[i], c.sleep_stages[i])
+        ordered = [merged[k] for k in sorted(merged, key=lambda k: (k[1], k[0]))]
+        assert stats["sample_count"] == len(ordered)
+        for column, name in enumerate(("heart_rate", "spo2", "systolic_bp")):
+            present = [v[column] for v, _, _ in ordered if not np.isnan(v[column])]
+            if present:
+                assert stats[f"{name}_mean"] == pytest.approx(sum(present) / len(present), rel=1e-12)
+                assert (stats[f"{name}_min"], stats[f"{name}_max"]) == (min(present), max(present))
+                assert stats[f"{name}_last"] == present[-1]
+            else:
+                assert stats[f"{name}_mean"] is stats[f"{name}_last"] is None
+        steps = [s for _, s, _ in ordered if not np.isnan(s)]
+        assert stats["steps_total"] == (int(sum(steps)) if steps else None)
+        named = [stage for _, _, stage in ordered if stage is not None]
+        assert stats["sleep_stage_last"] == (named[-1] if named else None)
+    assert by_window[to_micros(at(120))]["systolic_bp_mean"] is None
 
 
 def test_batch_rows_are_final_with_news2_baselines_and_one_alert_per_onset():

@@ -43,7 +43,8 @@ _VITAL_LIMITS = np.array([[_SAMPLE_FIELDS[v].minimum, _SAMPLE_FIELDS[v].maximum]
 _STEPS = _SAMPLE_FIELDS["steps"]
 _SLEEP_STAGES_OR_NONE = frozenset((*_SAMPLE_FIELDS["sleep_stage"].choices, None))
 _FIELD_NAMES = frozenset(_SAMPLE_FIELDS)
-_VITAL_LOW, _VITAL_HIGH = _VITAL_LIMITS[:, :1], _VITAL_LIMITS[:, 1:]  # (6, 1): against (6, n) columns
+_NUMBER_LIMITS = np.vstack((_VITAL_LIMITS, [[_STEPS.minimum, _STEPS.maximum]]))  # vitals, then steps
+_NUMBER_LOW, _NUMBER_HIGH = _NUMBER_LIMITS[:, :1], _NUMBER_LIMITS[:, 1:]  # (7, 1): against (7, n) columns
 _INTEGER_KINDS = {int, type(None)}
 _NUMBER_KINDS = {int, float, type(None)}
 _STAGE_KINDS = {str, type(None)}
@@ -298,16 +299,15 @@ def _fast_columns(samples: list) -> tuple | None:
         return None
     columns = _sample_columns(samples)
     times = _times_us(columns["event_time"])
-    vitals = _numbers([columns[name] for name in VITAL_NAMES], _NUMBER_KINDS)  # (6, n)
-    if np.any((vitals < _VITAL_LOW) | (vitals > _VITAL_HIGH)):  # an absent reading (NaN) compares false
+    if not set(map(type, columns["steps"])) <= _INTEGER_KINDS:
         raise _NeedsSampleBySample
-    steps = _numbers([columns["steps"]], _INTEGER_KINDS)[0]
-    if np.any((steps < _STEPS.minimum) | (steps > _STEPS.maximum)):
+    numbers = _numbers([*(columns[name] for name in VITAL_NAMES), columns["steps"]])  # (7, n)
+    if np.any((numbers < _NUMBER_LOW) | (numbers > _NUMBER_HIGH)):  # an absent reading (NaN) compares false
         raise _NeedsSampleBySample
     stages = columns["sleep_stage"]
     if not set(map(type, stages)) <= _STAGE_KINDS or not set(stages) <= _SLEEP_STAGES_OR_NONE:
         raise _NeedsSampleBySample
-    return times, np.ascontiguousarray(vitals.T), steps, tuple(stages)
+    return times, np.ascontiguousarray(numbers[:-1].T), numbers[-1], tuple(stages)
 
 
 def _sample_columns(samples: list) -> dict[str, Sequence]:
@@ -348,14 +348,14 @@ def _times_us(values: Sequence) -> np.ndarray:
     raise _NeedsSampleBySample
 
 
-def _numbers(columns: list[Sequence], kinds: set) -> np.ndarray:
+def _numbers(columns: list[Sequence]) -> np.ndarray:
     """Columns of readings -> (columns, n) float64 with NaN for None.
 
-    Anything but finite numbers of `kinds` (or None) needs the slow path: a string, a bool, an
-    infinity, a NaN reading posing as a number.
+    Anything but finite ints, floats or None needs the slow path: a string, a bool, an infinity,
+    a NaN reading posing as a number.
     """
     seen = set(map(type, itertools.chain.from_iterable(columns)))
-    if not seen <= kinds:
+    if not seen <= _NUMBER_KINDS:
         raise _NeedsSampleBySample
     array = np.array(columns, dtype=np.float64)  # None -> NaN
     absent = sum(column.count(None) for column in columns) if type(None) in seen else 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import functools
 import math
 
 # Chart 1 row order; also the order of `News2Result.parameter_scores` and `.missing`.
@@ -127,8 +128,12 @@ def news2_band(score: int, any_single_three: bool) -> str:
     return "low-medium" if any_single_three else "low"
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def round_to_chart(value: float, precision: decimal.Decimal) -> decimal.Decimal:
-    """A measurement -> the value a nurse would chart: `precision` 1 or 0.1, half up, on the printed decimal."""
+    """A measurement -> the value a nurse would chart: `precision` 1 or 0.1, half up, on the printed decimal.
+
+    Cached: window means of steady readings repeat (a constant 36.8 °C, whole-number SpO2).
+    """
     if not math.isfinite(value):
         raise ValueError(f"cannot score a non-finite value {value!r}")
     return decimal.Decimal(repr(float(value))).quantize(precision, rounding=decimal.ROUND_HALF_UP)

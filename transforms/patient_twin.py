@@ -308,9 +308,9 @@ class PatientTwin(beam.PTransform):
     """Wearable chunks + nurse observations -> patient_twin rows, patient alerts, too-late dead letters.
 
     Streaming: chunks are windowed (`ApplyWindowPolicy`), combined per window (`VitalStatsFn`) and
-    judged pane by pane with state and timers (`PatientStateFn`). Batch: each chunk is assigned
-    its fixed window (`WindowPolicy.window_start_us`), each patient's chunks are combined into one
-    block before the shuffle (`CollectWindowedSamplesFn`), and the block is folded in one call
+    judged pane by pane with state and timers (`PatientStateFn`). Batch: each patient's chunks are
+    combined into one block before the shuffle, each chunk in the fixed window of its first
+    sample, its event timestamp (`CollectWindowedSamplesFn`), and the block is folded in one call
     with the patient's observations (`FoldPatientTimelineFn`); nothing can be too late.
     Both give the same final rows.
     """
@@ -323,12 +323,7 @@ class PatientTwin(beam.PTransform):
         policy = self._config.policy
         observations = inputs["observations"]
         if not policy.streaming:
-            samples = (
-                inputs["chunks"]
-                | "AssignWindows" >> beam.Map(
-                    lambda kv, at=beam.DoFn.TimestampParam: (kv[0], (policy.window_start_us(at.micros), kv[1])))
-                | "CollectPerPatient" >> beam.CombinePerKey(CollectWindowedSamplesFn())
-            )
+            samples = inputs["chunks"] | "CollectPerPatient" >> beam.CombinePerKey(CollectWindowedSamplesFn(policy))
             # Nurse observations are few (a handful per patient and day): a side input, looked up by patient.
             outputs = samples | "FoldTimeline" >> beam.ParDo(
                 FoldPatientTimelineFn(self._config), observations=beam.pvalue.AsMultiMap(observations),

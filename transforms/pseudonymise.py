@@ -13,7 +13,6 @@ published key that protects nothing and says so.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import os
@@ -22,6 +21,7 @@ import re
 KEY_ENV = "MEDTWIN_PSEUDONYM_KEY"
 DEMO_KEY = "medtwin-demo-key-not-secret"
 _MIN_KEY_LENGTH = 16
+_REMEMBERED = 100_000  # identifiers whose pseudonyms a Pseudonymiser keeps
 
 # Identifier-bearing JSON members in raw inputs (all our input records use these names).
 _ID_MEMBER = re.compile(r'("patient_id"\s*:\s*")((?:[^"\\]|\\.)*)(")')
@@ -49,15 +49,30 @@ def resolve_key(option_value: str | None, *, demo: bool) -> str:
 class Pseudonymiser:
     """Maps patient identifiers to stable keyed pseudonyms.
 
-    Picklable (it holds only the key bytes), so DoFns carry it to workers.
+    Picklable: it pickles as the key bytes alone, so DoFns carry it to workers. Each copy
+    remembers the pseudonyms it computed (a patient's uploads keep coming), up to
+    `_REMEMBERED` identifiers at a time.
     """
 
     def __init__(self, key: str):
         self._key = key.encode("utf-8")
+        self._known: dict[str, str] = {}
+
+    def __getstate__(self):
+        return {"_key": self._key}
+
+    def __setstate__(self, state):
+        self._key = state["_key"]
+        self._known = {}
 
     def patient_key(self, patient_id: str) -> str:
         """patient_id -> 32 hex characters (128 bits of HMAC-SHA256)."""
-        return hmac.new(self._key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        key = self._known.get(patient_id)
+        if key is None:
+            if len(self._known) >= _REMEMBERED:
+                self._known.clear()
+            key = self._known[patient_id] = hmac.digest(self._key, patient_id.encode("utf-8"), "sha256")[:16].hex()
+        return key
 
     def scrub_text(self, text: str) -> str:
         """Replaces every ``"patient_id": "..."`` value in raw (possibly broken) JSON text."""

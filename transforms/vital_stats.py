@@ -23,6 +23,7 @@ import numpy as np
 
 from schemas.inputs import VITAL_NAMES
 from transforms.decode import STAGE_CODES, STAGES_BY_CODE, SampleChunk
+from transforms.windowing import WindowPolicy
 
 
 class VitalStatsFn(beam.CombineFn):
@@ -105,7 +106,9 @@ def _one_copy_per_sample(order: np.ndarray, repeat: np.ndarray, value_keys) -> n
     """
     sample = np.cumsum(~repeat) - 1
     kept = order[~repeat]
-    copied = np.isin(sample, sample[repeat])
+    has_copies = np.zeros(len(kept), dtype=bool)
+    has_copies[sample[repeat]] = True
+    copied = has_copies[sample]
     if copied.any():
         rows, samples = order[copied], sample[copied]
         by_value = np.lexsort((*value_keys(rows), samples))
@@ -136,75 +139,112 @@ def summarise(chunks: list[SampleChunk], *, already_removed: int = 0) -> dict:
     ``steps_total`` and ``sleep_stage_last``.
     """
     merged, duplicates = deduplicate(chunks)
-    stages = [stage for stage in merged.sleep_stages if stage is not None]
-    return _statistics(merged.times_us, merged.vitals, merged.steps, duplicates + already_removed,
-                       stages[-1] if stages else None)
-
-
-def _statistics(times_us: np.ndarray, vitals: np.ndarray, steps: np.ndarray, duplicates: int,
-                sleep_stage_last: str | None) -> dict:
-    """`summarise` of one window's time-ordered samples, duplicates already removed."""
-    stats = {
-        "sample_count": int(len(times_us)),
-        "duplicates_removed": duplicates,
-        "first_sample_us": int(times_us[0]),
-        "last_sample_us": int(times_us[-1]),
-    }
-    stats.update(_vital_statistics(vitals))
-    steps = steps[~np.isnan(steps)]
-    stats["steps_total"] = int(steps.sum()) if steps.size else None
-    stats["sleep_stage_last"] = sleep_stage_last
+    stages = _Codes(STAGES_BY_CODE)
+    stage_codes = stages.of(merged.sleep_stages)
+    (stats,) = segment_statistics(merged.times_us, merged.vitals, merged.steps, stage_codes, stages.values(),
+                                  starts=np.zeros(1, dtype=np.int64), duplicates=[duplicates + already_removed])
     return stats
 
 
-def _vital_statistics(vitals: np.ndarray) -> dict:
-    """(n, 6) vitals -> ``<vital>_{mean,min,max,last}`` over the readings present (None when none is).
+def segment_statistics(times_us: np.ndarray, vitals: np.ndarray, steps: np.ndarray, stage_codes: np.ndarray,
+                       stage_names: tuple, *, starts: np.ndarray, duplicates) -> list[dict]:
+    """`summarise` of each segment (window) of time-ordered samples, duplicates already removed.
 
-    Each vital is reduced as one contiguous row, so a mean is the same pairwise sum whether the
-    window had gaps or not.
+    times_us (n,), vitals (n, 6), steps (n,) and stage_codes (n,) (index into `stage_names`, whose
+    None means "no stage") are the samples, window by window; starts (k,) is the first row of each
+    window (starts[0] == 0) and duplicates (k,) what deduplication removed from it. Returns k dicts.
+
+    Every sum is one `np.add.reduceat` over a vital's present readings, so a window's mean is the
+    same float whether it is computed alone (streaming) or among the patient's other windows (batch).
     """
-    by_vital = np.ascontiguousarray(vitals.T)  # (6, n)
-    if np.isnan(by_vital).any():
-        return _vital_statistics_with_gaps(by_vital)
-    table = np.column_stack((np.add.reduce(by_vital, axis=1) / by_vital.shape[1], by_vital.min(axis=1),
-                             by_vital.max(axis=1), by_vital[:, -1]))  # (6, 4): mean, min, max, last
-    return dict(zip(_STAT_NAMES, table.ravel().tolist()))
+    ends = np.append(starts[1:], len(times_us))
+    columns = {
+        "sample_count": (ends - starts).tolist(),
+        "duplicates_removed": [int(count) for count in duplicates],
+        "first_sample_us": times_us[starts].tolist(),
+        "last_sample_us": times_us[ends - 1].tolist(),
+    }
+    count, total, low, high, last = _reduce_present(vitals, starts, ends)
+    mean = total / np.maximum(count, 1)
+    for i, (name, always) in enumerate(zip(VITAL_NAMES, count.all(axis=0).tolist())):
+        present = None if always else count[:, i].tolist()
+        columns[f"{name}_mean"] = _or_none(mean[:, i], present)
+        columns[f"{name}_min"] = _or_none(low[:, i], present)
+        columns[f"{name}_max"] = _or_none(high[:, i], present)
+        columns[f"{name}_last"] = _or_none(last[:, i], present)
+    count, total, *_ = _reduce_present(steps[:, None], starts, ends)
+    columns["steps_total"] = [int(value) if present else None
+                              for value, present in zip(total[:, 0].tolist(), count[:, 0].tolist())]
+    columns["sleep_stage_last"] = _last_named_stage(stage_codes, stage_names, starts, ends)
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
-def _vital_statistics_with_gaps(by_vital: np.ndarray) -> dict:
-    stats = {}
-    for name, values in zip(VITAL_NAMES, by_vital):
-        present = values[~np.isnan(values)]
-        if present.size:
-            stats.update({f"{name}_mean": float(present.mean()), f"{name}_min": float(present.min()),
-                          f"{name}_max": float(present.max()), f"{name}_last": float(present[-1])})
-        else:
-            stats.update({f"{name}_{stat}": None for stat in _STATS})
-    return stats
+def _reduce_present(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(n, m) readings, NaN where absent -> (count, sum, min, max, last), each (k, m).
+
+    Per segment [starts[j], ends[j]) and column, over the readings present; where a segment has
+    no reading in a column, its count is 0 and the other values are arbitrary.
+    """
+    if not np.isnan(values).any():
+        count = np.broadcast_to((ends - starts)[:, None], (len(starts), values.shape[1]))
+        return (count, *_reduce_rows(values, starts, ends))
+    per_column = []
+    for column in values.T:
+        present = ~np.isnan(column)
+        before = np.concatenate(([0], np.cumsum(present)))  # readings before each row
+        begin, end = before[starts], before[ends]
+        per_column.append((end - begin, *_reduce_rows(column[present][:, None], begin, end)))
+    return tuple(np.column_stack(parts) for parts in zip(*per_column))
 
 
-_STATS = ("mean", "min", "max", "last")
-_STAT_NAMES = tuple(f"{name}_{stat}" for name in VITAL_NAMES for stat in _STATS)
+def _reduce_rows(readings: np.ndarray, begin: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(r, m) readings -> (sum, min, max, last) of rows [begin[j], end[j]), each (k, m).
+
+    Reduces over (begin, end) pairs of a copy with one spare row, so that an empty segment (begin
+    == end, possibly == r) stays in range; every second result is a segment.
+    """
+    padded = np.concatenate((readings, np.zeros((1, readings.shape[1]))))
+    bounds = np.column_stack((begin, end)).ravel()
+    return (np.add.reduceat(padded, bounds)[::2], np.minimum.reduceat(padded, bounds)[::2],
+            np.maximum.reduceat(padded, bounds)[::2], padded[np.maximum(end - 1, 0)])
+
+
+def _or_none(values: np.ndarray, present: list | None) -> list:
+    """values as floats, None where `present` (counts per segment; None: all present) is 0."""
+    if present is None:
+        return values.tolist()
+    return [value if count else None for value, count in zip(values.tolist(), present)]
+
+
+def _last_named_stage(stage_codes: np.ndarray, stage_names: tuple, starts: np.ndarray, ends: np.ndarray) -> list:
+    """The last sleep stage that is not None in each segment (None when there is none)."""
+    named_rows = np.flatnonzero(np.array([name is not None for name in stage_names], dtype=bool)[stage_codes])
+    last = np.searchsorted(named_rows, ends) - 1  # index in named_rows of the last named row before each end
+    row = named_rows[np.maximum(last, 0)] if named_rows.size else np.zeros_like(last)
+    found = (last >= 0) & (row >= starts)
+    return [stage_names[stage_codes[r]] if ok else None for r, ok in zip(row.tolist(), found.tolist())]
 
 
 class WindowedSamples(NamedTuple):
     """Chunks of one patient over any number of windows, concatenated column-wise.
 
-    Wearables and sleep stages are coded as small integers, so a block pickles as a few arrays.
+    What is the same for a whole chunk (its window, its wearable) is kept once per chunk, and
+    sleep stages as one-byte codes, so a block pickles as a few compact arrays (65 bytes a sample).
 
     Attributes:
-      window_start_us: (n,) int64 start of each sample's window (that of the chunk it came in).
+      chunk_windows: (c,) int64 start of each chunk's window (that of its first sample).
+      chunk_lengths: (c,) int64 samples in each chunk; the sample columns below are chunk by chunk.
       devices: the wearables' ids, sorted.
-      device_codes: (n,) int64 index into `devices` of the wearable that took each sample.
+      chunk_devices: (c,) index into `devices` of each chunk's wearable.
       times_us, vitals, steps: as in `SampleChunk`: (n,) int64, (n, 6) float64, (n,) float64.
       sleep_stages: the sleep stages met (str or None).
-      sleep_stage_codes: (n,) int64 index into `sleep_stages` of each sample's stage.
-    Samples are in no particular order.
+      sleep_stage_codes: (n,) index into `sleep_stages` of each sample's stage.
     """
 
-    window_start_us: np.ndarray
+    chunk_windows: np.ndarray
+    chunk_lengths: np.ndarray
     devices: tuple
-    device_codes: np.ndarray
+    chunk_devices: np.ndarray
     times_us: np.ndarray
     vitals: np.ndarray
     steps: np.ndarray
@@ -213,55 +253,67 @@ class WindowedSamples(NamedTuple):
 
 
 class CollectWindowedSamplesFn(beam.CombineFn):
-    """(window_start_us, SampleChunk)* of one patient -> one `WindowedSamples` block.
+    """SampleChunk* of one patient -> one `WindowedSamples` block.
 
-    The accumulator is a list of (window_start_us, chunk) pairs and blocks; `compact` concatenates
-    them into one block, so what crosses the shuffle is a few arrays per patient.
+    Each chunk goes to the fixed window of its first sample, which is the event timestamp decode
+    gives it (`transforms.decode.DecodeWearablesFn`), so the window Beam would assign. The
+    accumulator is a list of chunks and blocks; `compact` concatenates them into one block, so
+    what crosses the shuffle is a few arrays per patient.
     """
+
+    def __init__(self, policy: WindowPolicy):
+        self._policy = policy
 
     def create_accumulator(self):
         return []
 
-    def add_input(self, accumulator, windowed_chunk: tuple[int, SampleChunk]):
-        accumulator.append(windowed_chunk)
+    def add_input(self, accumulator, chunk: SampleChunk):
+        accumulator.append(chunk)
         return accumulator
 
     def merge_accumulators(self, accumulators):
         return [part for accumulator in accumulators for part in accumulator]
 
     def compact(self, accumulator):
-        return [concatenate(accumulator)] if len(accumulator) > 1 else accumulator
+        return [self._concatenate(accumulator)] if len(accumulator) > 1 else accumulator
 
     def extract_output(self, accumulator):
         if len(accumulator) == 1 and isinstance(accumulator[0], WindowedSamples):
             return accumulator[0]
-        return concatenate(accumulator)
+        return self._concatenate(accumulator)
+
+    def _concatenate(self, parts: list) -> WindowedSamples:
+        return concatenate(parts, self._policy)
 
 
-def concatenate(parts: list) -> WindowedSamples:
-    """(window_start_us, SampleChunk) pairs and `WindowedSamples` blocks -> one block."""
+def concatenate(parts: list, policy: WindowPolicy) -> WindowedSamples:
+    """SampleChunks (windowed by `policy` at their first sample) and `WindowedSamples` blocks -> one block."""
     blocks = [part for part in parts if isinstance(part, WindowedSamples)]
-    pairs = [part for part in parts if not isinstance(part, WindowedSamples)]
-    chunks = [chunk for _, chunk in pairs]
+    chunks = [part for part in parts if not isinstance(part, WindowedSamples)]
     devices, stages = _Codes(), _Codes(STAGES_BY_CODE)
-    lengths = [len(chunk.times_us) for chunk in chunks]
-    window_start_us = [np.repeat(np.array([start for start, _ in pairs], dtype=np.int64), lengths)]
-    device_codes = [np.repeat(devices.of([chunk.device_id for chunk in chunks]), lengths)]
+    chunk_windows = [policy.window_start_us(np.array([chunk.times_us[0] for chunk in chunks], dtype=np.int64))]
+    chunk_lengths = [np.array([len(chunk.times_us) for chunk in chunks], dtype=np.int64)]
+    chunk_devices = [devices.of([chunk.device_id for chunk in chunks])]
     stage_codes = [stages.of([stage for chunk in chunks for stage in chunk.sleep_stages])]
     for block in blocks:
-        window_start_us.append(block.window_start_us)
-        device_codes.append(devices.of(block.devices)[block.device_codes])
+        chunk_windows.append(block.chunk_windows)
+        chunk_lengths.append(block.chunk_lengths)
+        chunk_devices.append(devices.of(block.devices)[block.chunk_devices])
         stage_codes.append(stages.of(block.sleep_stages)[block.sleep_stage_codes])
     sources = [*chunks, *blocks]
     device_names, by_name = devices.sorted()
     return WindowedSamples(
-        np.concatenate(window_start_us), device_names, by_name[np.concatenate(device_codes)],
+        np.concatenate(chunk_windows), np.concatenate(chunk_lengths), device_names,
+        _narrow(by_name[np.concatenate(chunk_devices)], len(device_names)),
         np.concatenate([source.times_us for source in sources]),
         np.concatenate([source.vitals for source in sources]).reshape(-1, len(VITAL_NAMES)),
         np.concatenate([source.steps for source in sources]),
-        stages.values(), np.concatenate(stage_codes))
+        stages.values(), _narrow(np.concatenate(stage_codes), len(stages.values())))
 
 
+def _narrow(codes: np.ndarray, count: int) -> np.ndarray:
+    """Codes 0..count-1 in the smallest unsigned integer type that holds them."""
+    return codes.astype(np.min_scalar_type(max(count - 1, 0)), copy=False)
 
 
 class _Codes:
@@ -289,19 +341,20 @@ class _Codes:
 def window_statistics(samples: WindowedSamples) -> Iterator[tuple[int, dict]]:
     """A patient's samples -> (window_start_us, `summarise` of that window) per window, in window order."""
     # By window, then time and wearable: each window ordered as `deduplicate` orders it.
-    order = np.lexsort((samples.device_codes, samples.times_us, samples.window_start_us))
-    windows, times, owner = samples.window_start_us[order], samples.times_us[order], samples.device_codes[order]
-    repeat = np.r_[False, (windows[1:] == windows[:-1]) & (times[1:] == times[:-1]) & (owner[1:] == owner[:-1])]
+    window_start_us = np.repeat(samples.chunk_windows, samples.chunk_lengths)
+    device_codes = np.repeat(samples.chunk_devices, samples.chunk_lengths)
+    order = np.lexsort((device_codes, samples.times_us, window_start_us))
+    windows, times, owner = window_start_us[order], samples.times_us[order], device_codes[order]
+    repeat = np.concatenate(([False], (windows[1:] == windows[:-1]) & (times[1:] == times[:-1])
+                             & (owner[1:] == owner[:-1])))
     ranks = np.array([STAGE_CODES[stage] for stage in samples.sleep_stages], dtype=np.int64)
     kept = _one_copy_per_sample(order, repeat, lambda rows: _value_keys(
         samples.vitals[rows], samples.steps[rows], ranks[samples.sleep_stage_codes[rows]]))
-    windows, times = samples.window_start_us[kept], samples.times_us[kept]
-    removed = np.bincount(np.searchsorted(windows, samples.window_start_us[order[repeat]]), minlength=len(kept))
-    vitals, steps, stage_codes = samples.vitals[kept], samples.steps[kept], samples.sleep_stage_codes[kept]
-    named = np.array([stage is not None for stage in samples.sleep_stages], dtype=bool)[stage_codes]
-    starts = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1]]).tolist()
-    for begin, end in zip(starts, [*starts[1:], len(windows)]):
-        last_named = np.flatnonzero(named[begin:end])
-        stage = samples.sleep_stages[stage_codes[begin + last_named[-1]]] if last_named.size else None
-        yield int(windows[begin]), _statistics(times[begin:end], vitals[begin:end], steps[begin:end],
-                                               int(removed[begin]), stage)
+    windows = window_start_us[kept]
+    starts = np.flatnonzero(np.concatenate(([True], windows[1:] != windows[:-1])))
+    removed = np.bincount(np.searchsorted(windows[starts], window_start_us[order[repeat]]),
+                          minlength=len(starts))
+    stats = segment_statistics(samples.times_us[kept], samples.vitals[kept], samples.steps[kept],
+                               samples.sleep_stage_codes[kept], samples.sleep_stages, starts=starts,
+                               duplicates=removed)
+    return zip(windows[starts].tolist(), stats)
