@@ -145,6 +145,7 @@ def pipeline(root: Path, beam_args: list[str]) -> int:
 
 def _import_pipeline_modules() -> None:
     import apache_beam  # noqa: F401
+    import apache_beam.runners.portability.fn_api_runner  # noqa: F401  (the local runner, imported on first run)
 
     import transforms.decode  # noqa: F401
     import transforms.patient_twin  # noqa: F401

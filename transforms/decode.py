@@ -47,7 +47,6 @@ _NUMBER_LIMITS = np.vstack((_VITAL_LIMITS, [[_STEPS.minimum, _STEPS.maximum]])) 
 _NUMBER_LOW, _NUMBER_HIGH = _NUMBER_LIMITS[:, :1], _NUMBER_LIMITS[:, 1:]  # (7, 1): against (7, n) columns
 _INTEGER_KINDS = {int, type(None)}
 _NUMBER_KINDS = {int, float, type(None)}
-_STAGE_KINDS = {str, type(None)}
 
 
 class RawRecord(NamedTuple):
@@ -305,7 +304,11 @@ def _fast_columns(samples: list) -> tuple | None:
     if np.any((numbers < _NUMBER_LOW) | (numbers > _NUMBER_HIGH)):  # an absent reading (NaN) compares false
         raise _NeedsSampleBySample
     stages = columns["sleep_stage"]
-    if not set(map(type, stages)) <= _STAGE_KINDS or not set(stages) <= _SLEEP_STAGES_OR_NONE:
+    try:
+        known = set(stages) <= _SLEEP_STAGES_OR_NONE  # only the schema's strings (or None) are equal to those
+    except TypeError:  # unhashable: a list or an object is no stage either
+        known = False
+    if not known:
         raise _NeedsSampleBySample
     return times, np.ascontiguousarray(numbers[:-1].T), numbers[-1], tuple(stages)
 
