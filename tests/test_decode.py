@@ -108,6 +108,17 @@ def test_timestamps_the_schema_refuses_are_dead_letters_on_the_fast_path_too():
     assert [d["reason"].split(":")[0] for d in dead] == [f"WearableUpload.samples[{i}].event_time" for i in (2, 3, 4)]
 
 
+def test_a_misplaced_z_is_not_taken_for_the_zone_of_another_sample():
+    # As many Zs as samples, but one has two and another none; cut the last character of each
+    # and numpy would read both. Each is judged on its own: neither is ISO-8601.
+    samples = [{"event_time": "2026-03-02T06:00:00ZZ", "heart_rate": 70.0},
+               {"event_time": "2026-03-02T06:00:011", "heart_rate": 71.0}, _sample(2, heart_rate=72.0)]
+    chunks, dead = _decode_wearables([_upload(samples)])
+    (chunk,) = [c.value[1] for c in chunks]
+    np.testing.assert_array_equal(chunk.vitals[:, 0], [72.0])
+    assert [d["reason"].split(":")[0] for d in dead] == [f"WearableUpload.samples[{i}].event_time" for i in (0, 1)]
+
+
 def test_a_chunk_pickles_compactly_and_back():
     samples = [_sample(s, heart_rate=60.0 + s, spo2=97, steps=3, sleep_stage="light") for s in range(0, 30, 10)]
     samples[1]["sleep_stage"] = None

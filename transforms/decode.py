@@ -334,13 +334,18 @@ def _sample_columns(samples: list) -> dict[str, Sequence]:
 
 
 def _times_us(values: Sequence) -> np.ndarray:
-    if set(map(type, values)) == {str} and all(map(str.endswith, values, itertools.repeat("Z"))):
-        joined = "".join(values)
-        # numpy would also take an offset before the Z or a signed year, which the schema refuses.
-        if "+" in joined or joined.count("-") != 2 * len(values):
+    """Event times -> (n,) int64 microseconds: ISO-8601 strings ending in Z, or aware datetimes."""
+    kinds = set(map(type, values))
+    if kinds == {str}:
+        stripped = [v[:-1] for v in values]
+        body = "".join(stripped)
+        # n Zs in all, none left once each value's last character is gone: every value ended in Z.
+        # numpy would also take an offset or a signed year, which the schema refuses.
+        if ("".join(values).count("Z") != len(values) or "Z" in body or "+" in body
+                or body.count("-") != 2 * len(values)):
             raise _NeedsSampleBySample
         try:
-            times = np.array([v[:-1] for v in values], dtype="datetime64[us]").astype(np.int64)
+            times = np.array(stripped, dtype="datetime64[us]").astype(np.int64)
         except ValueError:
             raise _NeedsSampleBySample from None
         if times.max() >= _AFTER_YEAR_9999_US:  # a five-digit year: not ISO-8601 for the schema either
