@@ -31,7 +31,7 @@ demo: $(STAMP)
 	    --patient_key $$($(MEDTWIN) query $(DEMO)/out --csv "$(DEMO_PATIENT)" | tail -n 1)
 
 bench: $(STAMP)
-	$(PY) bench/telemetry.py
+	$(PY) bench/telemetry.py --repeats 5
 	$(PY) bench/device_alerts.py
 	$(PY) bench/detector.py --weights model/weights
 	$(PY) bench/imaging.py

@@ -34,6 +34,12 @@ from pipelines.query import connect  # noqa: E402
 from schemas.contract import parse_timestamp  # noqa: E402
 
 
+def failure_times(hospital: Path) -> dict[str, dt.datetime]:
+    """A simulated hospital's truth -> {device: failure time} of the devices that fail."""
+    truth = json.loads((hospital / "truth" / "device_failures.json").read_text())
+    return {f["device_id"]: parse_timestamp(f["failure_time"], "failure_time") for f in truth["failures"]}
+
+
 def judge(alerts: list[tuple[str, dt.datetime]], failures: dict[str, dt.datetime], horizon: dt.timedelta):
     """(device, onset) alerts and {device: failure time} -> (lead times in minutes, misses, false alarms)."""
     leads, misses, false_alarms = [], 0, 0
@@ -56,8 +62,7 @@ def run_seed(seed: int, args, work: Path):
         assert medtwin(["simulate", "--out", str(hospital), "--patients", "2", "--devices", str(args.devices),
                         "--hours", str(args.hours), "--seed", str(seed)]) == 0
         assert medtwin(["run", "--input", str(hospital), "--output", str(out), "--demo"]) == 0
-    truth = json.loads((hospital / "truth" / "device_failures.json").read_text())
-    failures = {f["device_id"]: parse_timestamp(f["failure_time"], "failure_time") for f in truth["failures"]}
+    failures = failure_times(hospital)
     rows = connect(str(out)).execute(
         "select subject_id, onset_time from alerts where kind = 'device_failure_risk'").fetchall()
     alerts = [(device, onset.astimezone(dt.timezone.utc)) for device, onset in rows]

@@ -1,8 +1,10 @@
 """`medtwin query OUT "SQL"`: DuckDB over the Parquet tables, for analysts.
 
-Every table under OUT is a view of the same name (``patient_twin``,
-``device_twin``, ``alerts``, ``dead_letters``, ``detections``), read with Hive
-partitioning (the ``date`` column). Twin tables have one row per pane; the
+Every output table is a view of the same name (``patient_twin``,
+``device_twin``, ``alerts``, ``dead_letters``, ``detections``), read from OUT
+with Hive partitioning (the ``date`` column); a table that has no files yet
+(a run without dead letters, say) is an empty view with the same columns, so
+queries work on any run. Twin tables have one row per pane; the
 ``latest_patient_twin`` / ``latest_device_twin`` views keep the best row of
 each window: the final one if it exists, else the highest pane index.
 
@@ -17,7 +19,9 @@ import csv
 import os
 import sys
 
-from schemas import OUTPUT_TABLES
+import pyarrow as pa
+
+from schemas import OUTPUT_TABLES, arrow_schema
 
 _LATEST = """
 CREATE OR REPLACE VIEW latest_{table} AS
@@ -25,6 +29,8 @@ SELECT * FROM {table}
 QUALIFY row_number() OVER (PARTITION BY {key}, window_start ORDER BY is_final DESC, pane_index DESC) = 1
 """
 _TWIN_KEYS = {"patient_twin": "patient_key", "device_twin": "device_id"}
+# The Hive partition column of the files (`transforms.sinks` writes TABLE/date=YYYY-MM-DD/...).
+_PARTITION = pa.field("date", pa.date32())
 
 SUMMARY_QUERIES = {
     "Patients in the high NEWS2 band in their latest window": """
@@ -48,28 +54,29 @@ SUMMARY_QUERIES = {
 
 
 def connect(output_dir: str):
-    """A DuckDB connection with a view per table found under `output_dir` (and the latest_* views)."""
+    """A DuckDB connection with a view per output table over its files under `output_dir` (empty
+    when it has none), and the latest_* views."""
     import duckdb
 
     connection = duckdb.connect()
-    for table in OUTPUT_TABLES:
+    for table, record in OUTPUT_TABLES.items():
         folder = os.path.join(output_dir, table)
-        if not os.path.isdir(folder) or not any(name.endswith(".parquet") for _, _, names in os.walk(folder)
-                                                 for name in names):
-            continue
-        pattern = os.path.join(folder, "**", "*.parquet").replace("'", "''")
-        connection.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
-                           f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)")
+        if any(name.endswith(".parquet") for _, _, names in os.walk(folder) for name in names):
+            pattern = os.path.join(folder, "**", "*.parquet").replace("'", "''")
+            connection.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM "
+                               f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)")
+        else:
+            schema = arrow_schema(record)
+            connection.register(table, schema.append(_PARTITION).empty_table())
         if table in _TWIN_KEYS:
             connection.execute(_LATEST.format(table=table, key=_TWIN_KEYS[table]))
     return connection
 
 
 def table_counts(output_dir: str) -> dict[str, int]:
+    """Rows per output table (0 for a table without files)."""
     connection = connect(output_dir)
-    views = {row[0] for row in connection.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-    return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in OUTPUT_TABLES if table in views}
+    return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in OUTPUT_TABLES}
 
 
 def print_summary(output_dir: str, out=sys.stdout) -> None:
@@ -80,9 +87,6 @@ def print_summary(output_dir: str, out=sys.stdout) -> None:
     for table, rows in counts.items():
         print(f"  {table:<14} {rows:>9,} rows", file=out)
     for title, sql in SUMMARY_QUERIES.items():
-        needed = [t for t in ("latest_patient_twin", "latest_device_twin", "alerts", "dead_letters") if t in sql]
-        if any(t.removeprefix("latest_") not in counts for t in needed):
-            continue
         print(f"\n{title}:", file=out)
         print(connection.sql(sql), file=out)
 

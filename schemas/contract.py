@@ -59,6 +59,9 @@ class Field:
       minimum, maximum: plausible range for numbers; out of range is invalid.
       choices: allowed values for an enumerated string.
       min_length: shortest allowed string (1 for identifiers: never empty).
+      identifying: the value identifies a patient (PHI). It is pseudonymised on entry, and a
+        validation error names the field and what is wrong with it but never repeats the value
+        (errors become dead-letter reasons, which analysts read).
     """
 
     name: str
@@ -72,6 +75,7 @@ class Field:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     min_length: int = 0
+    identifying: bool = False
 
     def __post_init__(self):
         assert self.type in _SCALAR_TYPES + (RECORD,), f"unknown type {self.type!r}"
@@ -219,31 +223,37 @@ def bigquery_schema_json(record: RecordDef) -> dict:
 # ---------------------------------------------------------------- validation
 
 
+def _shown(f: Field, value: Any) -> str:
+    """How an error message quotes a value: its repr, cut at 40 characters; never an identifier's."""
+    return "(value withheld: identifies a patient)" if f.identifying else f"{value!r:.40}"
+
+
 def _check_scalar(f: Field, value: Any, path: str) -> None:
     if f.type == STRING:
         if not isinstance(value, str):
-            raise SchemaError(path, f"expected a string, got {type(value).__name__} {value!r:.40}")
+            raise SchemaError(path, f"expected a string, got {type(value).__name__} {_shown(f, value)}")
         if len(value) < f.min_length:
             raise SchemaError(path, "must not be empty" if f.min_length == 1 else f"is shorter than {f.min_length}")
         if f.choices and value not in f.choices:
-            raise SchemaError(path, f"{value!r:.40} is not one of {', '.join(f.choices)}")
+            raise SchemaError(path, f"{_shown(f, value)} is not one of {', '.join(f.choices)}")
     elif f.type == BOOL:
         if not isinstance(value, bool):
-            raise SchemaError(path, f"expected a boolean, got {type(value).__name__} {value!r:.40}")
+            raise SchemaError(path, f"expected a boolean, got {type(value).__name__} {_shown(f, value)}")
     elif f.type in (INT, FLOAT):
         number_types = (int,) if f.type == INT else (int, float)
         if isinstance(value, bool) or not isinstance(value, number_types):
             raise SchemaError(path, f"expected {'an integer' if f.type == INT else 'a number'}, "
-                              f"got {type(value).__name__} {value!r:.40}")
+                              f"got {type(value).__name__} {_shown(f, value)}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise SchemaError(path, f"{value} is not a finite number")
+            raise SchemaError(path, f"{_shown(f, value)} is not a finite number")
         if f.minimum is not None and value < f.minimum:
-            raise SchemaError(path, f"{value} is below the minimum {f.minimum:g}")
+            raise SchemaError(path, f"{_shown(f, value)} is below the minimum {f.minimum:g}")
         if f.maximum is not None and value > f.maximum:
-            raise SchemaError(path, f"{value} is above the maximum {f.maximum:g}")
+            raise SchemaError(path, f"{_shown(f, value)} is above the maximum {f.maximum:g}")
     elif f.type == TIMESTAMP:
         if not isinstance(value, dt.datetime) or value.tzinfo is None:
-            raise SchemaError(path, f"expected a timezone-aware datetime, got {type(value).__name__} {value!r:.40}")
+            raise SchemaError(path, "expected a timezone-aware datetime, "
+                              f"got {type(value).__name__} {_shown(f, value)}")
 
 
 def _check_value(f: Field, value: Any, path: str) -> None:

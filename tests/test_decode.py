@@ -134,13 +134,49 @@ def test_broken_uploads_are_one_dead_letter_each_without_the_patient_id():
     broken_json = _upload([_sample(0, heart_rate=70.0)])[:-7]
     missing_id = _upload([_sample(0), _sample(5)], patient_id="")
     not_an_object = b"[1, 2, 3]"
-    chunks, dead = _decode_wearables([broken_json, missing_id, not_an_object])
+    no_samples = _upload([])
+    chunks, dead = _decode_wearables([broken_json, missing_id, not_an_object, no_samples])
     assert chunks == []
-    assert [d["reason"].split(":")[0] for d in dead] == ["invalid JSON", "WearableUpload.patient_id", "WearableUpload"]
-    assert [d["record_count"] for d in dead] == [1, 2, 1]
+    assert [d["reason"].split(":")[0] for d in dead] == ["invalid JSON", "WearableUpload.patient_id", "WearableUpload",
+                                                         "WearableUpload.samples"]
+    assert [d["record_count"] for d in dead] == [1, 2, 1, 1]
     assert "MRN-000042" not in dead[0]["payload"]
     assert "pk:" + PSEUDONYMS.patient_key("MRN-000042") in dead[0]["payload"]
     assert all(d["recorded_at"] == ARRIVAL for d in dead)
+
+
+@pytest.mark.parametrize("patient_id, reason", [
+    (b'["MRN-000042"]', "ClinicalObservation.patient_id: expected a string, got list "
+                        "(value withheld: identifies a patient)"),
+    (b"42000042", "ClinicalObservation.patient_id: expected a string, got int (value withheld: identifies a patient)"),
+    (b'{"mrn": "MRN-000042", "site": "MRN-000043"}', "ClinicalObservation.patient_id: expected a string, got dict "
+                                                     "(value withheld: identifies a patient)"),
+    (b'"MRN-0000', "invalid JSON"),  # a line cut inside the identifier
+])
+def test_no_form_of_patient_id_reaches_a_dead_letter(patient_id, reason):
+    payload = b'{"observation_id": "o1", "event_time": "2026-03-02T06:00:00Z", "patient_id": ' + patient_id
+    payload += b"}" if reason != "invalid JSON" else b""
+    (output,) = DecodeObservationsFn(PSEUDONYMS).process(RawRecord("observations.jsonl:1", payload, ARRIVAL))
+    assert output.tag == DEAD_LETTERS
+    assert output.value["reason"].startswith(reason)
+    letter = orjson.dumps(output.value, default=str).decode()
+    assert "MRN-0000" not in letter and "42" not in output.value["reason"]
+    assert '"patient_id": "pk:' in output.value["payload"]
+
+
+def test_a_decoded_record_with_a_non_string_patient_id_is_scrubbed_too():
+    avro_like = {"observation_id": "o1", "event_time": dt.datetime(2026, 3, 2, 6, tzinfo=dt.timezone.utc),
+                 "patient_id": ["MRN-000042"]}
+    (output,) = DecodeObservationsFn(PSEUDONYMS).process(RawRecord("o.avro#1", avro_like, ARRIVAL))
+    assert output.tag == DEAD_LETTERS
+    assert "MRN-000042" not in output.value["payload"] and "MRN-000042" not in output.value["reason"]
+    assert output.value["reason"] == ("ClinicalObservation.patient_id: expected a string, "
+                                      "got list (value withheld: identifies a patient)")
+
+
+def test_a_payload_of_no_readable_type_is_a_dead_letter_not_a_crash():
+    (output,) = DecodeDeviceEventsFn(PSEUDONYMS).process(RawRecord("kafka:t/0@1", None, ARRIVAL))
+    assert output.tag == DEAD_LETTERS and output.value["reason"] == "unreadable payload: NoneType"
 
 
 def test_unreadable_input_is_a_dead_letter_with_the_source_reason():

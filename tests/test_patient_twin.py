@@ -234,27 +234,35 @@ def _final_without_pane_fields(rows):
                   for r in rows if r["is_final"])
 
 
+def _run_twin(streaming, parts, key, config, observations=()):
+    """PatientTwin over `parts` (chunks in arrival order; streaming: the watermark follows each
+    chunk's last sample) -> (patient_twin rows, alerts), collected."""
+    tags = (("rows", streaming), ("alerts", streaming))
+    for tag in tags:
+        _COLLECTED.pop(tag, None)
+    options = _streaming_options() if streaming else PipelineOptions()
+    with TestPipeline(options=options) as pipeline:
+        if streaming:
+            source = TestStream()
+            for part in parts:
+                source = source.add_elements([timestamped(key, part)]).advance_processing_time(20)
+                source = source.advance_watermark_to(Timestamp(micros=int(part.times_us[-1])))
+            chunks = pipeline | source.advance_watermark_to_infinity()
+        else:
+            chunks = pipeline | create_timestamped([timestamped(key, part) for part in parts])
+        nurse = [TimestampedValue((key, o), Timestamp(micros=to_micros(o["event_time"]))) for o in observations]
+        out = {"chunks": chunks, "observations": pipeline | "Obs" >> create_timestamped(nurse)} | PatientTwin(config)
+        out["patient_twin"] | "Rows" >> beam.Map(lambda row, tag=tags[0]: _collect(tag, row))
+        out["alerts"] | "Alerts" >> beam.Map(lambda alert, tag=tags[1]: _collect(tag, alert))
+    return _COLLECTED.get(tags[0], []), _COLLECTED.get(tags[1], [])
+
+
 def test_batch_and_streaming_agree_on_final_rows():
     key = "b" * 32
     parts = [chunk([5, 10]), chunk([20]), chunk([30], heart_rate=80.0), chunk([65, 70]),
              chunk(range(130, 175, 5), heart_rate=125.0, spo2=91.0)]
-    results = {}
-    for streaming in (False, True):
-        _COLLECTED.pop(streaming, None)
-        options = _streaming_options() if streaming else PipelineOptions()
-        with TestPipeline(options=options) as pipeline:
-            if streaming:
-                source = TestStream()
-                for part in parts:
-                    source = source.add_elements([timestamped(key, part)]).advance_processing_time(20)
-                    source = source.advance_watermark_to(Timestamp(micros=int(part.times_us[-1])))
-                chunks = pipeline | source.advance_watermark_to_infinity()
-            else:
-                chunks = pipeline | create_timestamped([timestamped(key, part) for part in parts])
-            out = {"chunks": chunks, "observations": pipeline | "Obs" >> beam.Create([])} | PatientTwin(
-                _config(streaming))
-            out["patient_twin"] | beam.Map(lambda row, tag=streaming: _collect(tag, row))
-        results[streaming] = _final_without_pane_fields(_COLLECTED[streaming])
+    results = {streaming: _final_without_pane_fields(_run_twin(streaming, parts, key, _config(streaming))[0])
+               for streaming in (False, True)}
     assert len(results[False]) == 3
     assert results[False] == results[True]
 
@@ -266,3 +274,52 @@ def test_a_timer_set_for_a_sub_millisecond_moment_does_not_fire_before_it(micros
     coder = TimestampCoder()
     fired = coder.decode(coder.encode(timer_time(micros))).micros
     assert micros <= fired < micros + 1000 and fired % 1000 == 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_only_the_window_after_a_silence_is_stale_and_says_how_long_it_was(streaming):
+    # 25 minutes of samples every 10 s, silence for 15 minutes (stale after 10), then a window more.
+    # Lateness (20 min) exceeds the stale threshold: provisional rows of windows whose predecessors
+    # are not final yet must still measure the gap from the sample just before them.
+    key = "g" * 32
+    parts = [chunk(range(start, start + 60, 10)) for start in range(0, 1500, 60)] + [chunk(range(2400, 2460, 10))]
+    rows, alerts = _run_twin(streaming, parts, key, _config(streaming, lateness=1200))
+    stale = {(row["window_start"], row["gap_before_seconds"]) for row in rows if row["stale"]}
+    assert stale == {(at(2400), 2400 - 1490)}
+    assert {row["gap_before_seconds"] for row in rows if row["window_start"] == at(0)} == {None}
+    assert {row["gap_before_seconds"] for row in rows if at(0) < row["window_start"] < at(2400)} == {10.0}
+    assert sum(row["is_final"] for row in rows) == 26
+    onsets = [alert["onset_time"] for alert in alerts if alert["kind"] == "sensor_stale"]
+    # Batch judges each window on its own; streaming's timer also fires at the end of the recording.
+    expected = [at(1490 + 600)] if not streaming else [at(1490 + 600), at(2450 + 600)]
+    assert sorted(onsets) == expected
+
+
+def test_streaming_raises_one_news2_alert_for_a_window_whatever_its_panes():
+    key = "h" * 32
+    sick = dict(heart_rate=135.0, spo2=89.0, respiratory=26.0, temperature=39.5)
+    parts = [chunk([5, 10], **sick), chunk([20], **sick), chunk([30], **sick), chunk(range(65, 120, 5), **sick)]
+    rows, alerts = _run_twin(True, parts, key, _config(True))
+    assert len({(row["window_start"], row["pane_index"]) for row in rows}) >= 5  # several panes per window
+    assert {row["news2_band"] for row in rows} == {"high"}
+    assert [(alert["kind"], alert["onset_time"]) for alert in alerts if alert["kind"] == "news2_band"] == [
+        ("news2_band", at(0))]
+
+
+def test_batch_uses_the_observation_before_each_window_however_many_follow():
+    # A nurse records "voice" just before the first window, then "alert" every 10 minutes for 12 h:
+    # more observations than the history keeps; the first window must still see "voice".
+    key = "o" * 32
+    observations = [observation(-30, consciousness="voice")] + [observation(600 * i) for i in range(1, 73)]
+    parts = [chunk(range(0, 60, 5)), chunk(range(43_200, 43_260, 5))]
+    rows, _ = _run_twin(False, parts, key, _config(False), observations)
+    assert sorted((row["window_start"], row["consciousness"]) for row in rows) == [
+        (at(0), "voice"), (at(43_200), "alert")]
+
+
+def test_the_temperature_trend_is_the_change_from_the_running_baseline():
+    key = "t" * 32
+    parts = [chunk(range(0, 60, 5), temperature=36.8), chunk(range(60, 120, 5), temperature=38.3)]
+    rows, _ = _run_twin(False, parts, key, _config(False))
+    trends = {row["window_start"]: row["temperature_trend"] for row in rows}
+    assert trends[at(0)] is None and trends[at(60)] == pytest.approx(1.5)

@@ -2,7 +2,7 @@
 
 Accounting, per stream, on the Parquet the job wrote:
   wearable samples in = samples in final patient_twin rows + duplicates removed + dead-lettered samples
-  device log events in = events in final device_twin rows + dead-lettered events
+  device log events in = events in final device_twin rows + duplicates removed + dead-lettered events
   DICOM references in = detections rows + dead-lettered references (decode, fetch, decode image, detect)
 """
 
@@ -15,6 +15,9 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.query import connect
+from schemas import WEARABLE_UPLOAD, SchemaError
+from schemas.contract import from_json, from_json_fields, validate_fields
+from schemas.inputs import VITAL_SAMPLE
 from transforms.decode import UnreadableInput
 from transforms.sources import landed_records
 
@@ -26,6 +29,17 @@ def hospital(tmp_path_factory):
                  "--seed", "11", "--corrupt-fraction", "0.03"]) == 0
     assert main(["run", "--input", str(root / "in"), "--output", str(root / "out"), "--demo"]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def streamed(hospital):
+    """The same landed files replayed as a stream: its output folder."""
+    # One model per process: this process already ran the batch job, and acquiring its shared
+    # (MultiProcessShared) model again from the streaming DirectRunner's threads was seen to hang.
+    out = hospital / "out-streaming"
+    assert main(["run", "--input", str(hospital / "in"), "--output", str(out), "--demo", "--streaming",
+                 "--model_per_process"]) == 0
+    return out
 
 
 def _samples_in(record) -> int:
@@ -44,24 +58,84 @@ def _scalar(connection, sql):
     return connection.execute(sql).fetchone()[0]
 
 
-def test_every_wearable_sample_is_counted_removed_as_duplicate_or_dead_lettered(hospital):
-    samples_in = sum(_samples_in(r) for r in landed_records(str(hospital / "in"), "wearables"))
-    connection = connect(str(hospital / "out"))
+def _distinct_valid_samples(records) -> set:
+    """(wearable, event time) of every sample a correct decoder keeps, worked out independently of
+    it: valid upload header, valid sample, one per wearable and time."""
+    kept = set()
+    for record in records:
+        try:
+            upload = orjson.loads(record.payload) if isinstance(record.payload, bytes) else record.payload
+            header = from_json(WEARABLE_UPLOAD, {**upload, "samples": []})
+            samples = upload["samples"]
+        except (orjson.JSONDecodeError, SchemaError, TypeError, KeyError):
+            continue
+        for sample in samples if isinstance(samples, list) else ():
+            try:
+                parsed = from_json_fields(VITAL_SAMPLE, sample, "sample")
+                validate_fields(VITAL_SAMPLE, parsed, "sample")
+            except SchemaError:
+                continue
+            kept.add((header["device_id"], parsed["event_time"]))
+    return kept
+
+
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_every_wearable_sample_is_counted_removed_as_duplicate_or_dead_lettered(hospital, streamed, mode):
+    records = landed_records(str(hospital / "in"), "wearables")
+    samples_in = sum(_samples_in(r) for r in records)
+    connection = connect(str(hospital / "out" if mode == "batch" else streamed))
     counted = _scalar(connection, "select sum(sample_count) from patient_twin where is_final")
     duplicates = _scalar(connection, "select sum(duplicates_removed) from patient_twin where is_final")
     dead = _scalar(connection, "select sum(record_count) from dead_letters "
                                "where stage in ('decode_wearables', 'window_wearables')")
+    too_late = _scalar(connection, "select coalesce(sum(record_count), 0) from dead_letters "
+                                   "where stage = 'window_wearables'")
     assert dead > 0 and duplicates > 0
     assert samples_in == counted + duplicates + dead
+    # Not only do the counts add up: every valid sample is counted once, none twice, none lost
+    # (a too-late retry may repeat a sample counted on time, so streaming is a bound).
+    distinct = len(_distinct_valid_samples(records))
+    assert counted == distinct if mode == "batch" else counted <= distinct <= counted + too_late
+    manifest = json.loads((hospital / "in" / "truth" / "manifest.json").read_text())
+    if mode == "streaming":
+        assert (too_late > 0) == any(u["beyond_allowed_lateness"] for u in manifest["late_uploads"])
+    else:
+        assert too_late == 0  # a batch job sees every upload that landed, however late
+
+
+def _too_late_subjects(connection, stage: str, key: str) -> set:
+    payloads = connection.execute(f"select payload from dead_letters where stage = '{stage}'").fetchall()
+    return {json.loads(payload)[key] for (payload,) in payloads}
+
+
+def _final_rows(connection, table: str, key: str, leave_out: set) -> list:
+    columns = [name for (name,) in connection.execute(
+        f"select column_name from (describe {table}) where column_name not in ('pane_index', 'pane_timing')"
+    ).fetchall()]
+    rows = connection.execute(f"select {', '.join(columns)} from {table} where is_final").fetchall()
+    return sorted((row for row in rows if row[columns.index(key)] not in leave_out), key=repr)
+
+
+def test_batch_and_streaming_agree_on_every_final_row_no_too_late_record_touched(hospital, streamed):
+    # Streaming dead-letters what comes after the allowed lateness; batch counts everything that
+    # landed. Patients and devices that no such record touched must get the same final rows.
+    batch, stream = connect(str(hospital / "out")), connect(str(streamed))
+    for table, key, stage in (("patient_twin", "patient_key", "window_wearables"),
+                              ("device_twin", "device_id", "window_device_logs")):
+        touched = _too_late_subjects(stream, stage, key)
+        batch_rows = _final_rows(batch, table, key, touched)
+        assert batch_rows, f"every subject of {table} was touched by too-late data: nothing compared"
+        assert batch_rows == _final_rows(stream, table, key, touched), table
 
 
 def test_every_device_event_is_in_a_window_or_dead_lettered(hospital):
     events_in = len(landed_records(str(hospital / "in"), "device_logs"))
     connection = connect(str(hospital / "out"))
     counted = _scalar(connection, "select sum(event_count) from device_twin where is_final")
+    duplicates = _scalar(connection, "select sum(duplicates_removed) from device_twin where is_final")
     dead = _scalar(connection, "select sum(record_count) from dead_letters "
                                "where stage in ('decode_device_logs', 'window_device_logs')")
-    assert events_in == counted + dead
+    assert events_in == counted + duplicates + dead
 
 
 def test_every_dicom_reference_is_a_detection_or_dead_lettered(hospital):
@@ -75,15 +149,10 @@ def test_every_dicom_reference_is_a_detection_or_dead_lettered(hospital):
     assert references_in == detections + dead
 
 
-def test_a_streaming_replay_loses_no_dicom_reference(hospital):
+def test_a_streaming_replay_loses_no_dicom_reference(hospital, streamed):
     # A partial inference batch held for a flush timer would be dropped at the end of a replay.
-    # One model per process: this process already ran the batch job, and acquiring its shared
-    # (MultiProcessShared) model again from the streaming DirectRunner's threads was seen to hang.
-    out = hospital / "out-streaming"
-    assert main(["run", "--input", str(hospital / "in"), "--output", str(out), "--demo", "--streaming",
-                 "--model_per_process"]) == 0
     references_in = len(landed_records(str(hospital / "in"), "dicom_refs"))
-    connection = connect(str(out))
+    connection = connect(str(streamed))
     detections = _scalar(connection, "select count(*) from detections")
     dead = _scalar(connection, "select sum(record_count) from dead_letters where stage in "
                                "('decode_dicom_refs', 'fetch_dicom', 'decode_dicom', 'detect')")

@@ -13,7 +13,9 @@ from apache_beam.testing.test_stream import ElementEvent, WatermarkEvent
 from apache_beam.testing.util import assert_that, equal_to
 
 from schemas import DEVICE_LOG_EVENT, avro_schema
-from transforms.decode import UnreadableInput
+from transforms.dead_letters import DEAD_LETTERS
+from transforms.decode import DecodeWearablesFn, UnreadableInput
+from transforms.pseudonymise import DEMO_KEY, Pseudonymiser
 from transforms.sources import (
     ReadLandedFiles,
     arrival_from_path,
@@ -102,4 +104,13 @@ def test_kafka_records_become_raw_records():
     raw = kafka_to_raw(Record(b"k", b'{"event_id": "e"}', 3, 1207, 1772431200000), "device_logs")
     assert raw.source == "kafka:device_logs/3@1207"
     assert raw.arrival_time == dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.timezone.utc)
+
+
+def test_a_kafka_tombstone_is_a_dead_letter_not_a_crash():
+    Record = collections.namedtuple("Record", "key value partition offset timestamp")
+    raw = kafka_to_raw(Record(b"k", None, 0, 9, 1772431200000), "wearables")
+    (output,) = DecodeWearablesFn(Pseudonymiser(DEMO_KEY), 60).process(raw)
+    assert output.tag == DEAD_LETTERS
+    assert output.value["reason"] == "Kafka record without a value (tombstone)"
+    assert output.value["source"] == "kafka:wearables/0@9"
 

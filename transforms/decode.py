@@ -125,14 +125,20 @@ def _parse(raw: RawRecord) -> Any:
 
 
 def _scrubbed(raw: RawRecord, pseudonymiser: Pseudonymiser) -> str:
-    if isinstance(raw.payload, UnreadableInput):
-        return ""
+    """The payload as text for a dead letter, every patient identifier in it pseudonymised."""
     if isinstance(raw.payload, dict):
         payload = dict(raw.payload)
-        if isinstance(payload.get("patient_id"), str):
-            payload["patient_id"] = "pk:" + pseudonymiser.patient_key(payload["patient_id"])
+        if payload.get("patient_id") is not None:
+            payload["patient_id"] = pseudonymiser.scrub_value(payload["patient_id"])
         return orjson.dumps(payload, default=str, option=orjson.OPT_SORT_KEYS).decode()
-    return pseudonymiser.scrub_text(raw.payload.decode("utf-8", errors="replace"))
+    if isinstance(raw.payload, str):
+        return pseudonymiser.scrub_text(raw.payload)
+    if isinstance(raw.payload, (bytes, bytearray, memoryview)):
+        return pseudonymiser.scrub_text(bytes(raw.payload).decode("utf-8", errors="replace"))
+    return ""  # UnreadableInput: nothing was read
+
+
+_READABLE_PAYLOADS = (bytes, bytearray, memoryview, str, dict)
 
 
 class _DecodeFn(beam.DoFn):
@@ -153,6 +159,9 @@ class _DecodeFn(beam.DoFn):
     def process(self, raw: RawRecord):
         if isinstance(raw.payload, UnreadableInput):
             yield self._reject(raw, raw.payload.reason)
+            return
+        if not isinstance(raw.payload, _READABLE_PAYLOADS):  # a source bug; still no crash, no drop
+            yield self._reject(raw, f"unreadable payload: {type(raw.payload).__name__}")
             return
         try:
             obj = _parse(raw)
@@ -229,6 +238,8 @@ class DecodeWearablesFn(_DecodeFn):
         samples = obj.get("samples")
         if not isinstance(samples, list):
             raise SchemaError("WearableUpload.samples", f"expected a list, got {type(samples).__name__}")
+        if not samples:  # nothing to count in a twin: still one input record, so a dead letter
+            raise SchemaError("WearableUpload.samples", "is empty: an upload carries at least one sample")
         key = self._pseudonymiser.patient_key(header["patient_id"])
         good, bad = _columns(samples)
         for index, reason in bad:
@@ -255,7 +266,7 @@ class DecodeWearablesFn(_DecodeFn):
 
     def _reject_sample(self, raw, header, sample, reason):
         payload = {"upload_id": header["upload_id"], "device_id": header["device_id"],
-                   "patient_id": "pk:" + self._pseudonymiser.patient_key(header["patient_id"]), "sample": sample}
+                   "patient_id": self._pseudonymiser.scrub_value(header["patient_id"]), "sample": sample}
         event_time = None
         if isinstance(sample, dict) and sample.get("event_time") is not None:
             try:

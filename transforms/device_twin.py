@@ -7,7 +7,10 @@ Out: ``device_twin``   rows of `schemas.DEVICE_TWIN` (one per pane, plus the fin
 
 The failure-risk score (`transforms.device_health`) judges each window against
 the device's own history; the history only learns from final windows, in
-window order, so final rows are the same in batch and streaming.
+window order, so final rows are the same in batch and streaming. Facts that
+outlive a window (maintenance, firmware and configuration versions) are
+remembered from any pane, but a window only uses those from before its end, so
+panes of later windows cannot change its final row.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from transforms.device_health import (
     record_maintenance,
     update_history,
 )
-from transforms.device_stats import DeviceStatsFn, heartbeat_features
+from transforms.device_stats import DeviceStatsFn, KnownVersions, advance_versions, heartbeat_features
 from transforms.panes import AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
 from transforms.windowing import ApplyWindowPolicy, WindowPolicy
 
@@ -62,6 +65,9 @@ class DeviceState:
 
     history: DeviceHistory = dataclasses.field(default_factory=DeviceHistory)
     maintenance_times: tuple = ()          # distinct maintenance times seen in any pane, sorted
+    versions: KnownVersions = KnownVersions()  # firmware/config known at the end of the latest final window
+    # `version_points` of the latest pane of each window not final yet, by window start (µs).
+    version_points: dict = dataclasses.field(default_factory=dict)
     risk_alerted: bool = False             # a failure-risk alert is open
     risk_last_high_us: int | None = None   # window start of the latest window over the threshold
     overdue_alerted: bool = False          # a maintenance-overdue alert is open
@@ -148,6 +154,8 @@ class DeviceStateFn(beam.DoFn):
         last_maintenance = max((t for t in state.maintenance_times if t < window_end), default=None)
         history = record_maintenance(state.history, pane["maintenance_at"]) if pane["maintenance_at"] else \
             state.history
+        state.version_points[pane["window_start_us"]] = pane["version_points"]
+        versions = self._versions_until(state, pane["window_start_us"])
         risk = assess_failure_risk(features, history, self._config.risk)
         days_since, due = maintenance_status(last_maintenance, window_end, self._config.service_interval_days)
         row = {
@@ -156,6 +164,7 @@ class DeviceStateFn(beam.DoFn):
             **window_fields(pane),
             **pane_fields,
             "event_count": pane["event_count"],
+            "duplicates_removed": pane["duplicates_removed"],
             "status": pane["status"],
             **beats,
             "error_count": pane["error_count"],
@@ -163,9 +172,9 @@ class DeviceStateFn(beam.DoFn):
             "exposure_count": pane["exposure_count"],
             "tube_temperature_mean": pane["tube_temperature_mean"],
             "tube_temperature_max": pane["tube_temperature_max"],
-            "firmware_version": pane["firmware_version"],
-            "config_version": pane["config_version"],
-            "config_changed_at": pane["config_changed_at"],
+            "firmware_version": versions.firmware_version,
+            "config_version": versions.config_version,
+            "config_changed_at": versions.changed_at,
             "last_maintenance": last_maintenance,
             "days_since_maintenance": days_since,
             "maintenance_due": due,
@@ -183,9 +192,21 @@ class DeviceStateFn(beam.DoFn):
             alerts.append(self._overdue_alert(device_id, row))
         return row, alerts
 
+    @staticmethod
+    def _versions_until(state: DeviceState, window_start_us: int) -> KnownVersions:
+        """Versions known at the end of the window starting at `window_start_us`: the final windows'
+        then those of the windows not final yet, up to and including this one, in window order."""
+        known = state.versions
+        for start in sorted(start for start in state.version_points if start <= window_start_us):
+            known = advance_versions(known, state.version_points[start])
+        return known
+
     def _learn(self, state: DeviceState, pane: dict, row: dict) -> None:
         """Folds a final window into the device's history; closes episodes that ended."""
         features, _ = self._features(pane)
+        state.versions = self._versions_until(state, pane["window_start_us"])
+        state.version_points = {start: points for start, points in state.version_points.items()
+                                if start > pane["window_start_us"]}
         if pane["maintenance_at"]:
             state.history = record_maintenance(state.history, pane["maintenance_at"])
             state.overdue_alerted = row["maintenance_due"]

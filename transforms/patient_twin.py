@@ -14,6 +14,7 @@ older than `observation_max_age_hours`); without one they are listed in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -36,6 +37,7 @@ from transforms.windowing import ApplyWindowPolicy, WindowPolicy, timer_time
 ALERTS = "alerts"
 OBSERVATION = "observation"
 ELEVATED_BAND_LEVELS = {"medium": 2, "high": 3}
+OBSERVATIONS_KEPT = 64  # newest nurse observations a patient's history keeps (hourly: over two days)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ class PatientHistory:
     baseline_temperature_c: float | None = None
     last_final_sample_us: int | None = None   # newest sample of the finalised windows
     newest_sample_us: int | None = None       # newest sample seen in any pane
+    stale_alerted_us: int | None = None       # the newest sample a sensor_stale alert was raised after
     news2_alerted_level: int = 0              # 2 medium, 3 high: the episode's alerted level
     news2_last_elevated_us: int | None = None  # window start of the latest medium/high window
     observations: list = dataclasses.field(default_factory=list)  # [(event_us, consciousness, oxygen)]
@@ -117,8 +120,14 @@ class PatientStateFn(beam.DoFn):
         pane = payload
         provisional = not pane["is_last"]
         if provisional:
+            # Earlier windows may not be final yet: the sample before this window is the newest of
+            # the finalised windows or of the pending earlier ones.
+            earlier = [entry["pane"]["last_sample_us"] for start, entry in pending.entries.items()
+                       if start < pane["window_start_us"]]
+            previous_us = max(earlier + [history.last_final_sample_us or 0]) or None
             row, alerts = self._judge(key, pane, history, {"pane_index": pane["pane_index"],
-                                                           "pane_timing": pane["pane_timing"], "is_final": False})
+                                                           "pane_timing": pane["pane_timing"], "is_final": False},
+                                      previous_sample_us=previous_us)
             yield row
             yield from (TaggedOutput(ALERTS, alert) for alert in alerts)
         pending.add(pane, emitted=provisional)
@@ -126,6 +135,11 @@ class PatientStateFn(beam.DoFn):
         expiry.set(Timestamp(micros=pending.next_expiry_us()))
         if self._policy.streaming and (history.newest_sample_us is None
                                        or pane["last_sample_us"] > history.newest_sample_us):
+            # Samples after a silence can arrive before the watermark reached the stale timer: the
+            # silence is then known from the data, and the timer moves on to the new samples.
+            if (history.newest_sample_us is not None
+                    and pane["first_sample_us"] - history.newest_sample_us > self._stale_us):
+                yield from (TaggedOutput(ALERTS, alert) for alert in self._stale_once(key, history))
             history.newest_sample_us = pane["last_sample_us"]
             stale.set(timer_time(history.newest_sample_us + self._stale_us))
         history_state.write(history)
@@ -153,14 +167,28 @@ class PatientStateFn(beam.DoFn):
                  history_state=beam.DoFn.StateParam(HISTORY)):
         history = history_state.read() or PatientHistory()
         if history.newest_sample_us is not None and history.newest_sample_us + self._stale_us <= fired.micros:
-            alert = self._stale_alert(key, history.newest_sample_us)
-            yield TaggedOutput(ALERTS, TimestampedValue(alert, Timestamp(micros=fired.micros)))
+            yield from (TaggedOutput(ALERTS, TimestampedValue(alert, Timestamp(micros=fired.micros)))
+                        for alert in self._stale_once(key, history))
+            history_state.write(history)
+
+    def _stale_once(self, key, history: PatientHistory):
+        """The sensor_stale alert for the silence after ``history.newest_sample_us``, unless raised already."""
+        if history.stale_alerted_us != history.newest_sample_us:
+            history.stale_alerted_us = history.newest_sample_us
+            yield self._stale_alert(key, history.newest_sample_us)
 
     # -- one window ---------------------------------------------------------------------------
 
-    def _judge(self, key, pane, history: PatientHistory, pane_fields: dict) -> tuple[dict, list[dict]]:
-        """The twin row for `pane` and the alerts it raises (one per onset: the history remembers)."""
-        row = self._row(key, pane, history, pane_fields)
+    def _judge(self, key, pane, history: PatientHistory, pane_fields: dict, *,
+               previous_sample_us: int | None = None) -> tuple[dict, list[dict]]:
+        """The twin row for `pane` and the alerts it raises (one per onset: the history remembers).
+
+        previous_sample_us: the patient's newest sample before this window; by default that of the
+        finalised windows, which is right for a final row (windows are finalised in order).
+        """
+        if previous_sample_us is None:
+            previous_sample_us = history.last_final_sample_us
+        row = self._row(key, pane, history, pane_fields, previous_sample_us)
         alerts = []
         band_level = ELEVATED_BAND_LEVELS.get(row["news2_band"], 0)
         if band_level > history.news2_alerted_level:
@@ -169,10 +197,10 @@ class PatientStateFn(beam.DoFn):
         if band_level:
             history.news2_last_elevated_us = max(history.news2_last_elevated_us or 0, pane["window_start_us"])
         if not self._policy.streaming and row["stale"]:
-            alerts.append(self._stale_alert(key, history.last_final_sample_us))
+            alerts.append(self._stale_alert(key, previous_sample_us))
         return row, alerts
 
-    def _row(self, key, pane, history: PatientHistory, pane_fields: dict) -> dict:
+    def _row(self, key, pane, history: PatientHistory, pane_fields: dict, previous_sample_us: int | None) -> dict:
         consciousness, oxygen = self._observation_at(history, pane["window_end_us"])
         news2 = score_news2(
             respiratory_rate=pane["respiratory_rate_mean"], spo2=pane["spo2_mean"],
@@ -181,7 +209,7 @@ class PatientStateFn(beam.DoFn):
         )
         expected = self._policy.window_seconds / self._config.expected_sample_seconds
         stats = {name: pane[name] for name in _statistics_fields(tuple(pane))}
-        heart_rate = pane["heart_rate_mean"]
+        gap_us = pane["first_sample_us"] - previous_sample_us if previous_sample_us is not None else None
         return {
             "patient_key": key,
             **window_fields(pane),
@@ -195,10 +223,10 @@ class PatientStateFn(beam.DoFn):
             "news2_missing": list(news2.missing),
             "baseline_heart_rate": history.baseline_heart_rate,
             "baseline_temperature_c": history.baseline_temperature_c,
-            "heart_rate_trend": (heart_rate - history.baseline_heart_rate
-                                 if heart_rate is not None and history.baseline_heart_rate is not None else None),
-            "stale": (history.last_final_sample_us is not None
-                      and pane["first_sample_us"] - history.last_final_sample_us > self._stale_us),
+            "heart_rate_trend": _difference(pane["heart_rate_mean"], history.baseline_heart_rate),
+            "temperature_trend": _difference(pane["temperature_c_mean"], history.baseline_temperature_c),
+            "gap_before_seconds": gap_us / 1_000_000 if gap_us is not None else None,
+            "stale": gap_us is not None and gap_us > self._stale_us,
         }
 
     def _learn(self, history: PatientHistory, row: dict, pane: dict) -> None:
@@ -222,7 +250,7 @@ class PatientStateFn(beam.DoFn):
     def _remember_observation(self, history: PatientHistory, observation: dict) -> None:
         entry = (to_micros(observation["event_time"]), observation.get("consciousness"),
                  observation.get("supplemental_oxygen"))
-        history.observations = sorted(history.observations + [entry])[-64:]
+        history.observations = sorted(history.observations + [entry])[-OBSERVATIONS_KEPT:]
 
     def _observation_at(self, history: PatientHistory, at_us: int):
         """(consciousness, supplemental_oxygen) from the latest observations at or before `at_us`."""
@@ -267,6 +295,10 @@ class PatientStateFn(beam.DoFn):
         }
 
 
+def _difference(value: float | None, baseline: float | None) -> float | None:
+    return value - baseline if value is not None and baseline is not None else None
+
+
 class FoldPatientTimelineFn(beam.DoFn):
     """Batch: (patient_key, WindowedSamples), with all observations by patient -> rows and alerts.
 
@@ -286,10 +318,14 @@ class FoldPatientTimelineFn(beam.DoFn):
     def process(self, element, observations):
         key, samples = element
         history = PatientHistory()
-        for observation in observations[key]:
-            self._rules._remember_observation(history, observation)
+        # Observations are remembered as the timeline reaches them, as a stream would deliver them:
+        # the history keeps a bounded number, which must be those around the window being judged.
+        pending = collections.deque(sorted(observations[key], key=lambda observation: observation["event_time"]))
         for start_us, stats in window_statistics(samples):
             pane = _batch_pane(stats, start_us, self._policy)
+            window_end = as_datetime(pane["window_end_us"])
+            while pending and pending[0]["event_time"] <= window_end:
+                self._rules._remember_observation(history, pending.popleft())
             row, alerts = self._rules._judge(key, pane, history, final_pane_fields({"pane": pane, "emitted": False}))
             at = Timestamp(micros=pane["window_end_us"])
             yield TimestampedValue(row, at)

@@ -23,8 +23,11 @@ DEMO_KEY = "medtwin-demo-key-not-secret"
 _MIN_KEY_LENGTH = 16
 _REMEMBERED = 100_000  # identifiers whose pseudonyms a Pseudonymiser keeps
 
-# Identifier-bearing JSON members in raw inputs (all our input records use these names).
-_ID_MEMBER = re.compile(r'("patient_id"\s*:\s*")((?:[^"\\]|\\.)*)(")')
+# Identifier-bearing JSON members in raw inputs (all our input records use this name). The value
+# may be a string, an unterminated string (a line cut short), a flat list or object, or any other
+# token (a number...): whatever follows the colon up to the member's end is the identifier.
+_ID_MEMBER = re.compile(
+    r'"patient_id"\s*:\s*(?:"((?:[^"\\]|\\.)*)(?:"|$)|(\[[^\]]*\]?|\{[^}]*\}?|[^,}\]\r\n]*))')
 
 
 class MissingKeyError(RuntimeError):
@@ -75,5 +78,15 @@ class Pseudonymiser:
         return key
 
     def scrub_text(self, text: str) -> str:
-        """Replaces every ``"patient_id": "..."`` value in raw (possibly broken) JSON text."""
-        return _ID_MEMBER.sub(lambda m: m.group(1) + "pk:" + self.patient_key(m.group(2)) + m.group(3), text)
+        """Replaces every ``"patient_id"`` member's value in raw (possibly broken) JSON text by
+        ``"pk:<pseudonym>"``: string values, strings cut off by the end of the text, and values of
+        any other kind alike (the pseudonym is then of the value's text)."""
+        def pseudonym(match: re.Match) -> str:
+            value = match.group(1) if match.group(1) is not None else match.group(2).strip()
+            return f'"patient_id": "pk:{self.patient_key(value)}"'
+        return _ID_MEMBER.sub(pseudonym, text)
+
+    def scrub_value(self, value) -> str:
+        """A decoded ``patient_id`` of any type (a string, or whatever a broken record holds) ->
+        ``pk:<pseudonym>``."""
+        return "pk:" + self.patient_key(value if isinstance(value, str) else repr(value))

@@ -253,7 +253,9 @@ class ReadPubSubStream(beam.PTransform):
 def kafka_to_raw(record, topic: str) -> RawRecord:
     """A Kafka record (``with_metadata=True``: has value, partition, offset, timestamp ms) -> RawRecord."""
     arrival = dt.datetime.fromtimestamp(record.timestamp / 1000, tz=dt.timezone.utc)
-    return RawRecord(f"kafka:{topic}/{record.partition}@{record.offset}", record.value, arrival)
+    # A record without a value is a compaction tombstone, not a message: a dead letter, not a crash.
+    payload = record.value if record.value is not None else UnreadableInput("Kafka record without a value (tombstone)")
+    return RawRecord(f"kafka:{topic}/{record.partition}@{record.offset}", payload, arrival)
 
 
 class ReadKafkaStream(beam.PTransform):
