@@ -269,3 +269,41 @@ def test_every_device_the_simulator_fails_is_alerted_before_its_failure(tmp_path
         risk_alerts = (out["alerts"] | beam.Filter(lambda alert: alert["kind"] == "device_failure_risk")
                        | beam.Map(lambda alert: (alert["subject_id"], alert["onset_time"])))
         assert_that(risk_alerts, none_missed)
+
+
+# -- maintenance reported after the fact ------------------------------------------------------------
+
+def _late_report_events():
+    """[0, 300) has no service on record; [300, 600) reports a service done at 100 s, in [0, 300)."""
+    return heartbeats(0, 300), heartbeats(300, 600) + [event(310, "status", status="online",
+                                                             last_maintenance_time=at(100))]
+
+
+MAINTENANCE_PER_WINDOW = [(at(0), None), (at(300), at(100))]
+
+
+def _maintenance(row):
+    return row["window_start"], row["last_maintenance"]
+
+
+def test_a_service_reported_in_a_later_window_counts_from_that_window_in_batch():
+    first, second = _late_report_events()
+    with TestPipeline() as pipeline:
+        out = pipeline | create_timestamped(second + first) | DeviceTwin(_config())
+        assert_that(_final_rows(out) | beam.Map(_maintenance), equal_to(MAINTENANCE_PER_WINDOW))
+
+
+def test_a_later_window_reporting_an_old_service_cannot_change_an_earlier_final_row_in_streaming():
+    first, second = _late_report_events()
+    stream = (
+        TestStream()
+        .add_elements(first)
+        .advance_watermark_to(Timestamp(micros=to_micros(at(310))))   # [0, 300) on time, not final until 660
+        .add_elements(second)
+        .advance_watermark_to(Timestamp(micros=to_micros(at(610))))   # [300, 600) on time
+        .advance_watermark_to(Timestamp(micros=to_micros(at(2000))))  # both final
+        .advance_watermark_to_infinity()
+    )
+    with TestPipeline(options=_streaming_options()) as pipeline:
+        out = pipeline | stream | DeviceTwin(_config(streaming=True))
+        assert_that(_final_rows(out) | beam.Map(_maintenance), equal_to(MAINTENANCE_PER_WINDOW))

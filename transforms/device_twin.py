@@ -9,8 +9,8 @@ The failure-risk score (`transforms.device_health`) judges each window against
 the device's own history; the history only learns from final windows, in
 window order, so final rows are the same in batch and streaming. Facts that
 outlive a window (maintenance, firmware and configuration versions) are
-remembered from any pane, but a window only uses those from before its end, so
-panes of later windows cannot change its final row.
+remembered from any pane, but a window only uses those reported in it or in
+earlier windows, so panes of later windows cannot change its final row.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class DeviceState:
     """What one device's twin remembers across windows."""
 
     history: DeviceHistory = dataclasses.field(default_factory=DeviceHistory)
-    maintenance_times: tuple = ()          # distinct maintenance times seen in any pane, sorted
+    maintenance_times: tuple = ()          # distinct maintenance times reported by final windows, sorted
+    # The latest pane's reported maintenance of each window not final yet, by window start (µs).
+    maintenance_reports: dict = dataclasses.field(default_factory=dict)
     versions: KnownVersions = KnownVersions()  # firmware/config known at the end of the latest final window
     # `version_points` of the latest pane of each window not final yet, by window start (µs).
     version_points: dict = dataclasses.field(default_factory=dict)
@@ -146,12 +148,15 @@ class DeviceStateFn(beam.DoFn):
     def _judge(self, device_id, pane, state: DeviceState, pane_fields: dict) -> tuple[dict, list[dict]]:
         features, beats = self._features(pane)
         # A reported maintenance is a fact, whatever the pane: remember it at once (the risk
-        # history, an aggregate, still learns only from final windows). A window sees only the
-        # maintenance done before its end, so panes of later windows cannot change its final row.
-        if pane["maintenance_at"] and pane["maintenance_at"] not in state.maintenance_times:
-            state.maintenance_times = tuple(sorted((*state.maintenance_times, pane["maintenance_at"])))
+        # history, an aggregate, still learns only from final windows). A window sees only what was
+        # reported in it or in earlier windows, and done before its end, so panes of later windows
+        # cannot change its final row (a later report of an old service counts from its window on).
+        state.maintenance_reports[pane["window_start_us"]] = pane["maintenance_at"]
         window_end = as_datetime(pane["window_end_us"])
-        last_maintenance = max((t for t in state.maintenance_times if t < window_end), default=None)
+        reported = [state.maintenance_reports[start] for start in state.maintenance_reports
+                    if start <= pane["window_start_us"]]
+        last_maintenance = max((t for t in (*state.maintenance_times, *reported) if t and t < window_end),
+                               default=None)
         history = record_maintenance(state.history, pane["maintenance_at"]) if pane["maintenance_at"] else \
             state.history
         state.version_points[pane["window_start_us"]] = pane["version_points"]
@@ -207,7 +212,9 @@ class DeviceStateFn(beam.DoFn):
         state.versions = self._versions_until(state, pane["window_start_us"])
         state.version_points = {start: points for start, points in state.version_points.items()
                                 if start > pane["window_start_us"]}
+        state.maintenance_reports.pop(pane["window_start_us"], None)
         if pane["maintenance_at"]:
+            state.maintenance_times = tuple(sorted({*state.maintenance_times, pane["maintenance_at"]}))
             state.history = record_maintenance(state.history, pane["maintenance_at"])
             state.overdue_alerted = row["maintenance_due"]
         state.history = update_history(state.history, features, as_datetime(pane["window_end_us"]),
