@@ -55,7 +55,7 @@ from transforms.news2 import score_news2  # noqa: E402
 START = dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.timezone.utc)
 WINDOW_SECONDS = 60
 DEVICE_WINDOW_SECONDS = 300  # the device twin's default window
-_TUBE_LOW, _TUBE_HIGH = DEVICE_LOG_EVENT.field("tube_temperature_c").minimum, DEVICE_LOG_EVENT.field("tube_temperature_c").maximum
+_TUBE = DEVICE_LOG_EVENT.field("tube_temperature_c")
 _LIMITS = {f.name: (f.minimum, f.maximum) for f in VITAL_SAMPLE if f.name in VITAL_NAMES}
 
 
@@ -157,7 +157,7 @@ def reference_devices(root: Path) -> int:
         event["event_time"] = parse_timestamp(event["event_time"], "event_time")
         temperature = event.get("tube_temperature_c")
         if (event["kind"] not in DEVICE_EVENT_KINDS or event["severity"] not in SEVERITIES
-                or temperature is not None and not _TUBE_LOW <= temperature <= _TUBE_HIGH):
+                or temperature is not None and not _TUBE.minimum <= temperature <= _TUBE.maximum):
             continue
         window = int(event["event_time"].timestamp()) // DEVICE_WINDOW_SECONDS
         windows[(event["device_id"], window)].append(event)

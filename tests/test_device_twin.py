@@ -5,7 +5,6 @@ import importlib.util
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -21,7 +20,7 @@ from transforms.device_twin import DeviceTwin, DeviceTwinConfig
 from transforms.pseudonymise import DEMO_KEY, Pseudonymiser
 from transforms.sources import ReadLandedFiles
 from transforms.windowing import WindowPolicy
-from twin_fixtures import T0, at, create_timestamped
+from twin_fixtures import T0, at, create_timestamped, streaming_options
 
 DEVICE = "XR-1"
 DEVICE_ALERTS_BENCH = Path(__file__).resolve().parent.parent / "bench" / "device_alerts.py"
@@ -54,12 +53,6 @@ def _config(streaming=False):
 
 def _final_rows(out):
     return out["device_twin"] | beam.Filter(lambda row: row["is_final"])
-
-
-def _streaming_options():
-    options = PipelineOptions()
-    options.view_as(StandardOptions).streaming = True
-    return options
 
 
 def test_window_summary_counts_errors_by_code_and_takes_the_reported_maintenance():
@@ -133,7 +126,7 @@ def test_streaming_panes_and_events_too_late_for_their_window():
         .add_elements([event(200, "error", "error", code="E-TOO-LATE")])  # too late
         .advance_watermark_to_infinity()
     )
-    with TestPipeline(options=_streaming_options()) as pipeline:
+    with TestPipeline(options=streaming_options()) as pipeline:
         out = pipeline | stream | DeviceTwin(config)
         first = out["device_twin"] | beam.Filter(lambda r: r["window_start"] == T0)
         assert_that(first | beam.Map(lambda r: (r["pane_timing"], r["is_final"], r["error_count"])),
@@ -189,7 +182,7 @@ def test_a_redelivered_event_in_a_later_pane_is_counted_once_in_streaming():
         .add_elements(copies[:1])                                       # redelivered again: too late
         .advance_watermark_to_infinity()
     )
-    with TestPipeline(options=_streaming_options()) as pipeline:
+    with TestPipeline(options=streaming_options()) as pipeline:
         out = pipeline | stream | DeviceTwin(_config(streaming=True))
         # 15 events delivered = 12 counted in the final row + 2 duplicates removed + 1 too late.
         assert_that(out["device_twin"] | beam.Map(_counts),
@@ -235,7 +228,7 @@ def test_a_later_window_cannot_change_the_versions_of_an_earlier_final_row_in_st
         .advance_watermark_to(Timestamp(micros=to_micros(at(2000))))   # all closed: [900, 1200) at 1860
         .advance_watermark_to_infinity()
     )
-    with TestPipeline(options=_streaming_options()) as pipeline:
+    with TestPipeline(options=streaming_options()) as pipeline:
         out = pipeline | stream | DeviceTwin(_config(streaming=True))
         assert_that(_final_rows(out) | beam.Map(_versions), equal_to(VERSIONS_PER_WINDOW), label="final")
         early = out["device_twin"] | beam.Filter(lambda row: row["pane_timing"] == "EARLY")
@@ -304,6 +297,6 @@ def test_a_later_window_reporting_an_old_service_cannot_change_an_earlier_final_
         .advance_watermark_to(Timestamp(micros=to_micros(at(2000))))  # both final
         .advance_watermark_to_infinity()
     )
-    with TestPipeline(options=_streaming_options()) as pipeline:
+    with TestPipeline(options=streaming_options()) as pipeline:
         out = pipeline | stream | DeviceTwin(_config(streaming=True))
         assert_that(_final_rows(out) | beam.Map(_maintenance), equal_to(MAINTENANCE_PER_WINDOW))

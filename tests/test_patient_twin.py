@@ -6,7 +6,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.coders import TimestampCoder
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -20,15 +20,9 @@ from transforms.decode import to_micros
 from transforms.patient_twin import PatientTwin, PatientTwinConfig
 from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, summarise, window_statistics
 from transforms.windowing import WindowPolicy, timer_time
-from twin_fixtures import at, chunk, create_timestamped, observation, timestamped
+from twin_fixtures import at, chunk, create_timestamped, observation, streaming_options, timestamped
 
 PANE_FIELDS = ("pane_index", "pane_timing", "is_final")
-
-
-def _streaming_options():
-    options = PipelineOptions()
-    options.view_as(StandardOptions).streaming = True
-    return options
 
 
 def _config(streaming, lateness=120):
@@ -207,7 +201,7 @@ def _stream(key):
 
 def test_streaming_panes_finality_and_too_late_dead_letters():
     key = "s" * 32
-    with TestPipeline(options=_streaming_options()) as pipeline:
+    with TestPipeline(options=streaming_options()) as pipeline:
         out = {"chunks": pipeline | _stream(key),
                "observations": pipeline | "Obs" >> beam.Create([])} | PatientTwin(_config(True))
         first_window = out["patient_twin"] | beam.Filter(lambda r: r["window_start"] == at(0))
@@ -240,7 +234,7 @@ def _run_twin(streaming, parts, key, config, observations=()):
     tags = (("rows", streaming), ("alerts", streaming))
     for tag in tags:
         _COLLECTED.pop(tag, None)
-    options = _streaming_options() if streaming else PipelineOptions()
+    options = streaming_options() if streaming else PipelineOptions()
     with TestPipeline(options=options) as pipeline:
         if streaming:
             source = TestStream()

@@ -42,14 +42,19 @@ def streamed(hospital):
     return out
 
 
+def _upload(record):
+    """A landed wearables record's parsed upload, or None when it cannot be read or parsed."""
+    if isinstance(record.payload, UnreadableInput):
+        return None
+    try:
+        return orjson.loads(record.payload) if isinstance(record.payload, bytes) else record.payload
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _samples_in(record) -> int:
     """Samples an upload carried; an upload that cannot be parsed counts as one record."""
-    if isinstance(record.payload, UnreadableInput):
-        return 1
-    try:
-        upload = orjson.loads(record.payload) if isinstance(record.payload, bytes) else record.payload
-    except orjson.JSONDecodeError:
-        return 1
+    upload = _upload(record)
     samples = upload.get("samples") if isinstance(upload, dict) else None
     return max(len(samples), 1) if isinstance(samples, list) else 1
 
@@ -63,11 +68,11 @@ def _distinct_valid_samples(records) -> set:
     it: valid upload header, valid sample, one per wearable and time."""
     kept = set()
     for record in records:
+        upload = _upload(record)
         try:
-            upload = orjson.loads(record.payload) if isinstance(record.payload, bytes) else record.payload
             header = from_json(WEARABLE_UPLOAD, {**upload, "samples": []})
             samples = upload["samples"]
-        except (orjson.JSONDecodeError, SchemaError, TypeError, KeyError):
+        except (SchemaError, TypeError, KeyError):
             continue
         for sample in samples if isinstance(samples, list) else ():
             try:

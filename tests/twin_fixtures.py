@@ -6,6 +6,7 @@ import typing
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
@@ -39,3 +40,10 @@ def create_timestamped(values):
 def observation(seconds, consciousness="alert", oxygen=False):
     return {"observation_id": f"o{seconds}", "event_time": at(seconds), "consciousness": consciousness,
             "supplemental_oxygen": oxygen}
+
+
+def streaming_options() -> PipelineOptions:
+    """Pipeline options for a streaming TestPipeline (TestStream sources)."""
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return options

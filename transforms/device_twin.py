@@ -16,6 +16,7 @@ earlier windows, so panes of later windows cannot change its final row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import apache_beam as beam
@@ -65,11 +66,7 @@ class DeviceState:
 
     history: DeviceHistory = dataclasses.field(default_factory=DeviceHistory)
     maintenance_times: tuple = ()          # distinct maintenance times reported by final windows, sorted
-    # The latest pane's reported maintenance of each window not final yet, by window start (µs).
-    maintenance_reports: dict = dataclasses.field(default_factory=dict)
     versions: KnownVersions = KnownVersions()  # firmware/config known at the end of the latest final window
-    # `version_points` of the latest pane of each window not final yet, by window start (µs).
-    version_points: dict = dataclasses.field(default_factory=dict)
     risk_alerted: bool = False             # a failure-risk alert is open
     risk_last_high_us: int | None = None   # window start of the latest window over the threshold
     overdue_alerted: bool = False          # a maintenance-overdue alert is open
@@ -99,7 +96,8 @@ class DeviceStateFn(beam.DoFn):
         provisional = not pane["is_last"]
         if provisional:
             row, alerts = self._judge(device_id, pane, state, {
-                "pane_index": pane["pane_index"], "pane_timing": pane["pane_timing"], "is_final": False})
+                "pane_index": pane["pane_index"], "pane_timing": pane["pane_timing"], "is_final": False},
+                earlier_panes=pending.panes_before(pane["window_start_us"]))
             yield row
             yield from (TaggedOutput(ALERTS, alert) for alert in alerts)
         pending.add(pane, emitted=provisional)
@@ -145,22 +143,24 @@ class DeviceStateFn(beam.DoFn):
         )
         return features, beats
 
-    def _judge(self, device_id, pane, state: DeviceState, pane_fields: dict) -> tuple[dict, list[dict]]:
+    def _judge(self, device_id, pane, state: DeviceState, pane_fields: dict, *,
+               earlier_panes: list[dict] = ()) -> tuple[dict, list[dict]]:
+        """The twin row for `pane` and the alerts it raises.
+
+        earlier_panes: panes of earlier windows that are not final yet (a provisional row's); a
+        final row has none, as windows are finalised in order. A window sees what the final windows
+        taught the state and what it and these panes report, never a later window's reports (a
+        later report of an old service counts from its window on), so final rows do not depend on
+        arrival order.
+        """
         features, beats = self._features(pane)
-        # A reported maintenance is a fact, whatever the pane: remember it at once (the risk
-        # history, an aggregate, still learns only from final windows). A window sees only what was
-        # reported in it or in earlier windows, and done before its end, so panes of later windows
-        # cannot change its final row (a later report of an old service counts from its window on).
-        state.maintenance_reports[pane["window_start_us"]] = pane["maintenance_at"]
+        reports = [*earlier_panes, pane]
         window_end = as_datetime(pane["window_end_us"])
-        reported = [state.maintenance_reports[start] for start in state.maintenance_reports
-                    if start <= pane["window_start_us"]]
-        last_maintenance = max((t for t in (*state.maintenance_times, *reported) if t and t < window_end),
-                               default=None)
+        reported = (p["maintenance_at"] for p in reports if p["maintenance_at"])
+        last_maintenance = max((t for t in (*state.maintenance_times, *reported) if t < window_end), default=None)
         history = record_maintenance(state.history, pane["maintenance_at"]) if pane["maintenance_at"] else \
             state.history
-        state.version_points[pane["window_start_us"]] = pane["version_points"]
-        versions = self._versions_until(state, pane["window_start_us"])
+        versions = functools.reduce(advance_versions, (p["version_points"] for p in reports), state.versions)
         risk = assess_failure_risk(features, history, self._config.risk)
         days_since, due = maintenance_status(last_maintenance, window_end, self._config.service_interval_days)
         row = {
@@ -197,22 +197,10 @@ class DeviceStateFn(beam.DoFn):
             alerts.append(self._overdue_alert(device_id, row))
         return row, alerts
 
-    @staticmethod
-    def _versions_until(state: DeviceState, window_start_us: int) -> KnownVersions:
-        """Versions known at the end of the window starting at `window_start_us`: the final windows'
-        then those of the windows not final yet, up to and including this one, in window order."""
-        known = state.versions
-        for start in sorted(start for start in state.version_points if start <= window_start_us):
-            known = advance_versions(known, state.version_points[start])
-        return known
-
     def _learn(self, state: DeviceState, pane: dict, row: dict) -> None:
         """Folds a final window into the device's history; closes episodes that ended."""
         features, _ = self._features(pane)
-        state.versions = self._versions_until(state, pane["window_start_us"])
-        state.version_points = {start: points for start, points in state.version_points.items()
-                                if start > pane["window_start_us"]}
-        state.maintenance_reports.pop(pane["window_start_us"], None)
+        state.versions = advance_versions(state.versions, pane["version_points"])
         if pane["maintenance_at"]:
             state.maintenance_times = tuple(sorted({*state.maintenance_times, pane["maintenance_at"]}))
             state.history = record_maintenance(state.history, pane["maintenance_at"])

@@ -100,6 +100,13 @@ class PendingWindows:
         due = sorted(start for start in self.entries if self.expiry_us(start) <= now_us)
         return [self.entries.pop(start) for start in due]
 
+    def panes_before(self, window_start_us: int) -> list[dict]:
+        """The latest panes of the pending windows that start before `window_start_us`, in window order.
+
+        A provisional row is judged with these beside what the final windows taught the state.
+        """
+        return [self.entries[start]["pane"] for start in sorted(self.entries) if start < window_start_us]
+
     def next_expiry_us(self) -> int | None:
         return min((self.expiry_us(start) for start in self.entries), default=None)
 

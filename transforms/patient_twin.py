@@ -120,14 +120,9 @@ class PatientStateFn(beam.DoFn):
         pane = payload
         provisional = not pane["is_last"]
         if provisional:
-            # Earlier windows may not be final yet: the sample before this window is the newest of
-            # the finalised windows or of the pending earlier ones.
-            earlier = [entry["pane"]["last_sample_us"] for start, entry in pending.entries.items()
-                       if start < pane["window_start_us"]]
-            previous_us = max(earlier + [history.last_final_sample_us or 0]) or None
             row, alerts = self._judge(key, pane, history, {"pane_index": pane["pane_index"],
                                                            "pane_timing": pane["pane_timing"], "is_final": False},
-                                      previous_sample_us=previous_us)
+                                      earlier_panes=pending.panes_before(pane["window_start_us"]))
             yield row
             yield from (TaggedOutput(ALERTS, alert) for alert in alerts)
         pending.add(pane, emitted=provisional)
@@ -180,14 +175,16 @@ class PatientStateFn(beam.DoFn):
     # -- one window ---------------------------------------------------------------------------
 
     def _judge(self, key, pane, history: PatientHistory, pane_fields: dict, *,
-               previous_sample_us: int | None = None) -> tuple[dict, list[dict]]:
+               earlier_panes: list[dict] = ()) -> tuple[dict, list[dict]]:
         """The twin row for `pane` and the alerts it raises (one per onset: the history remembers).
 
-        previous_sample_us: the patient's newest sample before this window; by default that of the
-        finalised windows, which is right for a final row (windows are finalised in order).
+        earlier_panes: panes of earlier windows that are not final yet (a provisional row's); a
+        final row has none, as windows are finalised in order.
         """
-        if previous_sample_us is None:
-            previous_sample_us = history.last_final_sample_us
+        before = [p["last_sample_us"] for p in earlier_panes]
+        if history.last_final_sample_us is not None:
+            before.append(history.last_final_sample_us)
+        previous_sample_us = max(before, default=None)
         row = self._row(key, pane, history, pane_fields, previous_sample_us)
         alerts = []
         band_level = ELEVATED_BAND_LEVELS.get(row["news2_band"], 0)
