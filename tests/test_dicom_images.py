@@ -104,7 +104,7 @@ REJECTION_KINDS = {
     dicom_fetch.NOT_A_FILE, dicom_decode.NOT_DICOM, dicom_decode.CORRUPT_HEADER,
     dicom_decode.UNSUPPORTED_TRANSFER_SYNTAX, dicom_decode.NO_PIXEL_DATA, dicom_decode.NOT_MONOCHROME,
     dicom_decode.BAD_PIXEL_ATTRIBUTES, dicom_decode.NO_SUCH_FRAME, dicom_decode.TOO_LARGE,
-    dicom_decode.TRUNCATED_PIXELS, dicom_decode.CORRUPT_PIXELS,
+    dicom_decode.TRUNCATED_PIXELS, dicom_decode.CORRUPT_PIXELS, dicom_decode.CODESTREAM_REFUSED,
 }
 
 
@@ -351,7 +351,7 @@ def test_decode_rejects_non_dicom_and_truncated_files():
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     ds.PixelData = encapsulate([b"\xff" * 64 + frame[64:]])  # a garbled RLE header (PS3.5 G.5)
     error = _rejection(_dataset_bytes(ds), config)
-    assert error.kind == dicom_decode.CORRUPT_PIXELS and "RLE" in error.detail
+    assert error.kind == dicom_decode.CODESTREAM_REFUSED and "RLE header declares" in error.detail
 
 
 def test_decode_rejects_the_wrong_modality_and_other_body_parts(tmp_path, radiograph):
@@ -384,7 +384,8 @@ def test_a_codestream_larger_than_its_header_is_rejected_before_decoding(tmp_pat
     decoded = []
     monkeypatch.setattr(dicom_decode, "prepare_dicom", lambda *a, **k: decoded.append(a))
     error = _rejection(_dataset_bytes(ds), _config())
-    assert error.kind == dicom_decode.CORRUPT_PIXELS and "60000 x 60000, larger than Rows x Columns" in error.detail
+    assert error.kind == dicom_decode.CODESTREAM_REFUSED
+    assert "the codestream is 60000 x 60000, the header's Rows x Columns 160 x 128" in error.detail
     assert decoded == []
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import struct
 import zlib
 from typing import NamedTuple
 
@@ -36,11 +35,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.encaps import get_frame
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import get_decoder
-from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
 
 from model.preprocess import MONOCHROME, PreparedImage, prepare_dicom
 from transforms.dead_letters import DEAD_LETTERS
+from transforms.dicom_codestream import UNDERSTOOD_SYNTAXES, CodestreamRefused, check_frame
 from transforms.dicom_fetch import FetchDicomFn, FetchedDicom, reference_dead_letter
 
 STAGE = "decode_dicom"
@@ -64,6 +63,7 @@ NO_SUCH_FRAME = "frame not in image"
 TOO_LARGE = "pixel data over the cap"
 TRUNCATED_PIXELS = "truncated pixel data"
 CORRUPT_PIXELS = "pixel data could not be decoded"
+CODESTREAM_REFUSED = "compressed frame refused"
 
 
 class DecodedStudy(NamedTuple):
@@ -241,7 +241,7 @@ def check_header(ds: pydicom.Dataset, config: DicomReadConfig, data: bytes = b""
         raise DicomRejected(TOO_LARGE, f"{rows} x {columns} x {frames} frame(s) x {math.ceil(bits / 8)} byte(s) "
                                        f"= {declared} bytes, over the cap of {config.max_pixel_bytes}")
     if syntax.is_encapsulated:
-        _check_codestream_size(ds.PixelData, config.frame, frames, rows, columns)
+        _check_codestream(syntax, ds.PixelData, config, frames, rows, columns, samples, bits)
     if not syntax.is_compressed:
         # PS3.5 8.1.1: native Pixel Data is the frames one after another (1-bit data packed).
         expected = math.ceil(rows * columns * frames * samples * bits / 8)
@@ -250,37 +250,27 @@ def check_header(ds: pydicom.Dataset, config: DicomReadConfig, data: bytes = b""
                                                   f"{rows} x {columns} x {frames} frame(s) need {expected}")
 
 
-def _check_codestream_size(pixel_data: bytes, frame: int, frames: int, rows: int, columns: int) -> None:
-    """Refuse a JPEG / JPEG-LS / JPEG 2000 frame whose own header is larger than Rows x Columns.
+def _check_codestream(syntax: UID, pixel_data: bytes, config: DicomReadConfig, frames: int, rows: int,
+                      columns: int, samples: int, bits: int) -> None:
+    """Refuse a compressed frame whose own codestream is not understood or disagrees with the header.
 
-    Codecs allocate from the codestream's header (JPEG SOF, ISO/IEC 15444-1 A.5.1 SIZ),
-    not from the DICOM one, so a frame claiming more pixels would slip past the cap.
+    Codecs allocate from the codestream (JPEG SOF, JPEG 2000 SIZ), not from the DICOM header, so
+    the frame to decode must declare exactly Rows x Columns x Samples per Pixel, at most Bits
+    Allocated deep (`transforms.dicom_codestream`, which fails closed on any layout it cannot read).
     """
+    if syntax not in UNDERSTOOD_SYNTAXES:
+        raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, f"{syntax} ({syntax.name}): its codestream is not "
+                                                         "checked before decoding, so it is not decoded")
     try:
-        codestream = get_frame(pixel_data, frame, number_of_frames=frames)
+        codestream = get_frame(pixel_data, config.frame, number_of_frames=frames)
     except Exception as error:  # a damaged Basic Offset Table or item tags
-        raise DicomRejected(CORRUPT_PIXELS, f"frame {frame} cannot be found: {type(error).__name__}: {error}") \
+        raise DicomRejected(CORRUPT_PIXELS, f"frame {config.frame} cannot be found: {type(error).__name__}") \
             from None
-    size = _codestream_size(codestream)
-    if size is not None and (size[0] > rows or size[1] > columns):
-        raise DicomRejected(CORRUPT_PIXELS, f"the codestream of frame {frame} is {size[0]} x {size[1]}, "
-                                            f"larger than Rows x Columns {rows} x {columns}")
-
-
-def _codestream_size(codestream: bytes) -> tuple[int, int] | None:
-    """(rows, columns) a JPEG-family codestream declares, or None when it is not one."""
-    if codestream[:2] == b"\xff\x4f" and codestream[2:4] == b"\xff\x51" and len(codestream) >= 24:
-        # SIZ: marker, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz as 32-bit big-endian.
-        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", codestream[8:24])
-        return max(ysiz - yosiz, 0), max(xsiz - xosiz, 0)
-    if codestream[:2] == b"\xff\xd8":
-        try:
-            info = _get_jpg_parameters(codestream)
-        except Exception:  # a damaged JPEG header: the decoder will say what is wrong
-            return None
-        if "height" in info and "width" in info:
-            return info["height"], info["width"]
-    return None
+    try:
+        check_frame(syntax, codestream, rows=rows, columns=columns, samples_per_pixel=samples,
+                    bits_allocated=bits, max_bytes=config.max_pixel_bytes)
+    except CodestreamRefused as error:
+        raise DicomRejected(CODESTREAM_REFUSED, f"frame {config.frame}: {error}") from None
 
 
 def _int_attribute(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:

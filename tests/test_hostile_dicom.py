@@ -1,0 +1,85 @@
+"""The hostile DICOM corpus (tests/corpus/dicom, made by its generate.py) replayed through decode.
+
+Each bomb's codestream claims far more than its DICOM header; none may reach a
+pixel decoder (a spy stands in for `prepare_dicom` and refuses to decode them,
+so a regression shows up as a failed test, not as a machine out of memory).
+Every file ends as a decoded image or as a dead letter with a reason, and no
+reason quotes the PHI planted in the files.
+"""
+
+import json
+import pathlib
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from model import preprocess
+from transforms import dicom_decode
+from transforms.dicom_decode import DicomReadConfig, DicomRejected, ReadStudies, decode_dicom_bytes
+
+CORPUS = pathlib.Path(__file__).parent / "corpus" / "dicom"
+MANIFEST = json.loads((CORPUS / "MANIFEST.json").read_text())
+FILES = sorted(MANIFEST["files"])
+
+
+def _config():
+    return DicomReadConfig(allowed_prefixes=(str(CORPUS),), target_size=64)
+
+
+class _DecoderSpy:
+    """prepare_dicom for the valid files; for a bomb it records the call and decodes nothing."""
+
+    def __init__(self, expected: str):
+        self.expected, self.calls = expected, 0
+
+    def __call__(self, ds, **kwargs):
+        self.calls += 1
+        if self.expected != "decoded":
+            raise RuntimeError("a bomb reached the pixel decoder")
+        return preprocess.prepare_dicom(ds, **kwargs)
+
+
+def test_the_corpus_covers_every_codec_and_is_small():
+    about = " ".join(entry["about"] for entry in MANIFEST["files"].values())
+    for codec in ("JPEG 2000", "JP2", "HTJ2K", "JPEG baseline", "SOF3", "JPEG-LS", "SOF55", "RLE", "deflated",
+                  "16,384 components", "60000 x 60000"):
+        assert codec in about, codec
+    assert all(entry["bytes"] < 128 * 1024 for entry in MANIFEST["files"].values())
+    assert {entry["expect"] for entry in MANIFEST["files"].values()} >= {"decoded", dicom_decode.CODESTREAM_REFUSED,
+                                                                        dicom_decode.TOO_LARGE}
+    assert sorted(path.name for path in CORPUS.glob("*.dcm")) == FILES
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_each_corpus_file_decodes_or_is_refused_before_any_pixel_is_decoded(name, monkeypatch):
+    expected = MANIFEST["files"][name]["expect"]
+    spy = _DecoderSpy(expected)
+    monkeypatch.setattr(dicom_decode, "prepare_dicom", spy)
+    data = (CORPUS / name).read_bytes()
+    try:
+        image = decode_dicom_bytes(data, _config())
+    except DicomRejected as error:
+        assert expected != "decoded", f"{name}: {error}"
+        assert error.kind == expected and str(error).startswith(expected + ": ") and error.detail
+        assert spy.calls == 0, f"{name} reached the pixel decoder"
+        for planted in MANIFEST["planted"]:
+            assert planted not in str(error)
+        return
+    assert expected == "decoded", f"{name} decoded; expected {expected}"
+    assert image.original_shape == (64, 64) and image.image.shape == (64, 64) and image.image.std() > 0.05
+
+
+def test_the_corpus_through_read_studies_is_images_plus_dead_letters():
+    references = [{"uri": str(CORPUS / name), "sop_instance_uid": name, "source": "corpus", "patient_key": "k"}
+                  for name in FILES]
+    expected_images = sorted(n for n in FILES if MANIFEST["files"][n]["expect"] == "decoded")
+    expected_dead = sorted(MANIFEST["files"][n]["expect"] for n in FILES if MANIFEST["files"][n]["expect"] != "decoded")
+    with TestPipeline() as pipeline:
+        out = pipeline | beam.Create(references) | ReadStudies(_config())
+        assert_that(out["images"] | "Sop" >> beam.Map(lambda study: study.reference["sop_instance_uid"]),
+                    equal_to(expected_images), label="Images")
+
+        assert_that(out["dead_letters"] | "Kind" >> beam.Map(lambda letter: letter["reason"].split(":")[0]),
+                    equal_to(expected_dead), label="DeadLetters")
