@@ -10,6 +10,16 @@ each window: the final one if it exists, else the highest pane index.
 
     medtwin query demo/out "SELECT news2_band, count(*) FROM latest_patient_twin GROUP BY 1"
     medtwin query demo/out --summary
+
+Confinement: the SQL comes from a person, and DuckDB can read any file, write
+any file (COPY ... TO), attach databases and install extensions.  Once the
+views are open the connection is locked down (`confine`): no external access
+but the output directory (``allowed_directories``), no extension installing or
+autoloading, and ``lock_configuration`` so no statement can undo it; and
+`run_sql` runs read-only statements only (SELECT, EXPLAIN), so nothing can be
+written even inside the output directory.  An output directory holding a
+symbolic link is refused: DuckDB checks allowed directories on the path
+string, so a link inside it could lead anywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ SELECT * FROM {table}
 QUALIFY row_number() OVER (PARTITION BY {key}, window_start ORDER BY is_final DESC, pane_index DESC) = 1
 """
 _TWIN_KEYS = {"patient_twin": "patient_key", "device_twin": "device_id"}
+# Statement types analyst SQL may run: reading only (DESCRIBE, SHOW, SUMMARIZE parse as SELECT).
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
 # The Hive partition column of the files (`transforms.sinks` writes TABLE/date=YYYY-MM-DD/...).
 _PARTITION = pa.field("date", pa.date32())
 
@@ -53,12 +65,26 @@ SUMMARY_QUERIES = {
 }
 
 
-def connect(output_dir: str):
+class QueryRefused(Exception):
+    """SQL or an output directory the confined tool will not run on; the message says why."""
+
+
+def connect(output_dir: str, *, timezone: str | None = None):
     """A DuckDB connection with a view per output table over its files under `output_dir` (empty
-    when it has none), and the latest_* views."""
+    when it has none), and the latest_* views, confined to reading `output_dir` (`confine`).
+    timezone: the session TimeZone (e.g. "UTC"), set before the configuration is locked.
+
+    Raises QueryRefused when `output_dir` holds a symbolic link.
+    """
     import duckdb
 
-    connection = duckdb.connect()
+    output_dir = os.path.realpath(output_dir)
+    links = [os.path.join(folder, name) for folder, dirs, names in os.walk(output_dir)
+             for name in dirs + names if os.path.islink(os.path.join(folder, name))]
+    if links:
+        raise QueryRefused(f"{output_dir} holds {len(links)} symbolic link(s) (first: "
+                           f"{os.path.relpath(links[0], output_dir)}); refusing to open it")
+    connection = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     for table, record in OUTPUT_TABLES.items():
         folder = os.path.join(output_dir, table)
         if any(name.endswith(".parquet") for _, _, names in os.walk(folder) for name in names):
@@ -70,7 +96,32 @@ def connect(output_dir: str):
             connection.register(table, schema.append(_PARTITION).empty_table())
         if table in _TWIN_KEYS:
             connection.execute(_LATEST.format(table=table, key=_TWIN_KEYS[table]))
+    if timezone is not None:
+        connection.execute("SET TimeZone = ?", [timezone])
+    confine(connection, output_dir)
     return connection
+
+
+def confine(connection, directory: str) -> None:
+    """Lock `connection` down to reading files under `directory`; nothing can undo it afterwards."""
+    connection.execute("SET allowed_directories = ?", [[directory.rstrip(os.sep) + os.sep]])
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET allow_community_extensions = false")
+    connection.execute("SET lock_configuration = true")
+
+
+def run_sql(connection, sql: str):
+    """The result of analyst `sql` (its last statement) on a confined connection.
+
+    Raises QueryRefused for any statement that is not read-only (COPY, ATTACH, SET, INSTALL,
+    CREATE, PRAGMA, CALL...), before any of them runs; duckdb.Error for SQL DuckDB refuses.
+    """
+    statements = connection.extract_statements(sql)
+    refused = sorted({s.type.name for s in statements if s.type.name not in READ_ONLY_STATEMENTS})
+    if refused:
+        raise QueryRefused(f"only {' and '.join(READ_ONLY_STATEMENTS)} statements are run here, "
+                           f"not {', '.join(refused)}")
+    return connection.sql(sql)
 
 
 def table_counts(output_dir: str) -> dict[str, int]:
@@ -79,8 +130,9 @@ def table_counts(output_dir: str) -> dict[str, int]:
     return {table: connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in OUTPUT_TABLES}
 
 
-def print_summary(output_dir: str, out=sys.stdout) -> None:
-    """What a run wrote: rows per table, then the example analyses."""
+def print_summary(output_dir: str, out=None) -> None:
+    """What a run wrote: rows per table, then the example analyses (to `out`, else sys.stdout)."""
+    out = out or sys.stdout
     connection = connect(output_dir)
     counts = table_counts(output_dir)
     print(f"\nTables in {output_dir}:", file=out)
@@ -109,12 +161,12 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.output):
         print(f"medtwin query: no output directory {args.output}", file=sys.stderr)
         return 2
-    if args.summary or not args.sql:
-        print_summary(args.output)
-        return 0
     try:
-        result = connect(args.output).sql(args.sql)
-    except duckdb.Error as error:
+        if args.summary or not args.sql:
+            print_summary(args.output)
+            return 0
+        result = run_sql(connect(args.output), args.sql)
+    except (duckdb.Error, QueryRefused) as error:
         print(f"medtwin query: {error}", file=sys.stderr)
         return 2
     if result is None:

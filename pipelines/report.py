@@ -83,12 +83,14 @@ def load_patient(tables_dir: str, patient_key: str) -> PatientRecord:
 
     Raises ReportError when the directory is missing or no table mentions the patient.
     """
-    from pipelines.query import connect
+    from pipelines.query import QueryRefused, connect
 
     if not os.path.isdir(tables_dir):
         raise ReportError(f"no tables directory {tables_dir}")
-    connection = connect(tables_dir)
-    connection.execute("SET TimeZone = 'UTC'")
+    try:
+        connection = connect(tables_dir, timezone="UTC")
+    except QueryRefused as error:
+        raise ReportError(str(error)) from None
     views = {row[0] for row in connection.execute(
         "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     searched = [t for t in ("patient_twin", "alerts", "detections") if t in views]
