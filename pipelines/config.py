@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
 from transforms.detect import DEVICES, InferenceConfig, model_input_size
 from transforms.device_twin import DeviceTwinConfig
 from transforms.patient_twin import PatientTwinConfig
-from transforms.pseudonymise import resolve_key
+from transforms.pseudonymise import KeyReference, resolve_key_reference
 from transforms.sinks import SinkConfig
 from transforms.dicom_decode import DicomReadConfig
 from transforms.sources import STREAMS
@@ -71,7 +72,7 @@ class JobConfig:
     patient: PatientTwinConfig
     device: DeviceTwinConfig
     imaging: ImagingConfig | None  # None: DICOM references are decoded, checked and counted; no image is read
-    pseudonym_key: str
+    key_reference: KeyReference  # where workers read the pseudonymisation key; never the key itself
     streaming: bool
 
     def __post_init__(self):
@@ -115,7 +116,9 @@ class JobConfig:
                                       stale_after_seconds=args.stale_after),
             device=device,
             imaging=None,
-            pseudonym_key=resolve_key(args.pseudonym_key, demo=args.demo),
+            key_reference=resolve_key_reference(
+                args.pseudonym_key, demo=args.demo, key_file=getattr(args, "pseudonym_key_file", None),
+                key_secret=getattr(args, "pseudonym_key_secret", None)),
             streaming=streaming,
         )
         if args.no_imaging:
@@ -152,8 +155,38 @@ def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTw
                             triage_window_seconds=args.triage_window))
 
 
+class Bounded:
+    """An argparse ``type=`` that reads a number and refuses it outside [low, high] (finite only),
+    so a value that would crash a job mid-run (a zero window, a zero service interval) is refused
+    at start, argparse naming the flag: ``argument --window: must be an integer from 1 to 86400``."""
+
+    def __init__(self, kind: type, low: float, high: float, unit: str = ""):
+        self.kind, self.low, self.high, self.unit = kind, low, high, unit
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def __call__(self, text: str):
+        noun = "an integer" if self.kind is int else "a number"
+        span = f"{noun} from {self.low:g} to {self.high:g}{' ' + self.unit if self.unit else ''}"
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not {span}") from None
+        if not (math.isfinite(value) and self.low <= value <= self.high):
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text[:40]}")
+        return value
+
+
+_DAY = 86_400
+SECONDS = Bounded(int, 1, _DAY, "seconds")  # windows, ticks, steps: one second to one day
+LATENESS = Bounded(int, 0, 30 * _DAY, "seconds")
+PROBABILITY = Bounded(float, 0.0, 1.0)
+
+
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of a twin job (shared by `medtwin run`, `backfill` and `launch`)."""
+    """The flags of a twin job (shared by `medtwin run`, `backfill` and `launch`).
+
+    Every numeric flag has a documented range (`Bounded`), checked when the flags are parsed.
+    """
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--input", help="landed files root: <stream>/date=YYYY-MM-DD/<stream>-HH.(jsonl|avro)")
     io.add_argument("--output", default="out", help="Parquet output root (local path or gs://) [%(default)s]")
@@ -166,26 +199,29 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Pub/Sub subscription of {stream} (projects/P/subscriptions/S)")
         io.add_argument(f"--kafka_{stream}", metavar="TOPIC", help=f"Kafka topic of {stream}")
     io.add_argument("--kafka_bootstrap", help="Kafka bootstrap servers, host:port[,host:port]")
-    io.add_argument("--replay_step", type=int, default=60, help="replay: seconds of arrival per step [%(default)s]")
-    io.add_argument("--replay_watermark_lag", type=int, default=600,
-                    help="replay: watermark trails arrival by this many seconds [%(default)s]")
+    io.add_argument("--replay_step", type=SECONDS, default=60,
+                    help="replay: seconds of arrival per step, 1-86400 [%(default)s]")
+    io.add_argument("--replay_watermark_lag", type=Bounded(int, 0, 7 * _DAY, "seconds"), default=600,
+                    help="replay: watermark trails arrival by this many seconds, 0-604800 [%(default)s]")
 
     twin = parser.add_argument_group("twins")
-    twin.add_argument("--window", type=int, default=60, help="patient window, seconds [%(default)s]")
-    twin.add_argument("--allowed_lateness", type=int, default=7200,
-                      help="patient data accepted this long after its window ends, seconds [%(default)s]")
-    twin.add_argument("--device_window", type=int, default=300, help="device window, seconds [%(default)s]")
-    twin.add_argument("--device_allowed_lateness", type=int, default=600,
-                      help="device log lateness, seconds [%(default)s]")
-    twin.add_argument("--early_firing", type=int, default=30,
-                      help="streaming: processing seconds between early panes [%(default)s]")
-    twin.add_argument("--gate_tick", type=int, default=300,
-                      help="streaming: too-late gate resolution and lateness slack, seconds [%(default)s]")
-    twin.add_argument("--expected_sample_seconds", type=float, default=5.0,
-                      help="wearable sampling interval, for completeness [%(default)s]")
-    twin.add_argument("--stale_after", type=int, default=600, help="sensor stale after this silence, s [%(default)s]")
-    twin.add_argument("--service_interval_days", type=float, default=90.0,
-                      help="device maintenance due after this many days [%(default)s]")
+    twin.add_argument("--window", type=SECONDS, default=60, help="patient window, seconds, 1-86400 [%(default)s]")
+    twin.add_argument("--allowed_lateness", type=LATENESS, default=7200,
+                      help="patient data accepted this long after its window ends, seconds, 0-2592000 [%(default)s]")
+    twin.add_argument("--device_window", type=SECONDS, default=300,
+                      help="device window, seconds, 1-86400 [%(default)s]")
+    twin.add_argument("--device_allowed_lateness", type=LATENESS, default=600,
+                      help="device log lateness, seconds, 0-2592000 [%(default)s]")
+    twin.add_argument("--early_firing", type=SECONDS, default=30,
+                      help="streaming: processing seconds between early panes, 1-86400 [%(default)s]")
+    twin.add_argument("--gate_tick", type=SECONDS, default=300,
+                      help="streaming: too-late gate resolution and lateness slack, seconds, 1-86400 [%(default)s]")
+    twin.add_argument("--expected_sample_seconds", type=Bounded(float, 0.01, 3600, "seconds"), default=5.0,
+                      help="wearable sampling interval, for completeness, 0.01-3600 [%(default)s]")
+    twin.add_argument("--stale_after", type=Bounded(int, 1, 30 * _DAY, "seconds"), default=600,
+                      help="sensor stale after this silence, s, 1-2592000 [%(default)s]")
+    twin.add_argument("--service_interval_days", type=Bounded(float, 0.01, 3650, "days"), default=90.0,
+                      help="device maintenance due after this many days, 0.01-3650 [%(default)s]")
 
     imaging = parser.add_argument_group("imaging")
     imaging.add_argument("--no_imaging", action="store_true",
@@ -196,19 +232,27 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                          help="directories or gs:// prefixes DICOM uris may point into [--input]")
     imaging.add_argument("--inference_device", choices=DEVICES, default="auto",
                          help="auto: CUDA when the worker has it, else CPU [%(default)s]")
-    imaging.add_argument("--inference_batch_size", type=int, default=8, help="images per model call [%(default)s]")
-    imaging.add_argument("--inference_max_wait", type=float, default=5.0,
-                         help="streaming: longest a partial batch waits, seconds [%(default)s]")
+    imaging.add_argument("--inference_batch_size", type=Bounded(int, 1, 256), default=8,
+                         help="images per model call, 1-256 [%(default)s]")
+    imaging.add_argument("--inference_max_wait", type=Bounded(float, 0.01, 3600, "seconds"), default=5.0,
+                         help="streaming: longest a partial batch waits, seconds, 0.01-3600 [%(default)s]")
     imaging.add_argument("--model_per_process", action="store_true",
                          help="load one model per SDK process instead of one per worker VM")
-    imaging.add_argument("--score_threshold", type=float, default=0.05,
-                         help="boxes scoring below this are not written [%(default)s]")
-    imaging.add_argument("--positive_probability", type=float, default=0.5,
-                         help="image COVID probability counted positive for triage [%(default)s]")
-    imaging.add_argument("--triage_window", type=int, default=3600,
-                         help="positive image and medium/high NEWS2 this close raise a triage alert, s [%(default)s]")
+    imaging.add_argument("--score_threshold", type=PROBABILITY, default=0.05,
+                         help="boxes scoring below this are not written, 0-1 [%(default)s]")
+    imaging.add_argument("--positive_probability", type=PROBABILITY, default=0.5,
+                         help="image COVID probability counted positive for triage, 0-1 [%(default)s]")
+    imaging.add_argument("--triage_window", type=Bounded(int, 1, 7 * _DAY, "seconds"), default=3600,
+                         help="positive image and medium/high NEWS2 this close raise a triage alert, s, 1-604800 "
+                              "[%(default)s]")
 
     privacy = parser.add_argument_group("privacy")
-    privacy.add_argument("--pseudonym_key", help="HMAC key for patient pseudonyms (or env MEDTWIN_PSEUDONYM_KEY)")
+    privacy.add_argument("--pseudonym_key",
+                         help="HMAC key for patient pseudonyms (or env MEDTWIN_PSEUDONYM_KEY); local workers read it "
+                              "from that variable, never from the job graph")
+    privacy.add_argument("--pseudonym_key_file", metavar="PATH",
+                         help="a file on every worker holding the key (e.g. a mounted secret)")
+    privacy.add_argument("--pseudonym_key_secret", metavar="projects/P/secrets/S/versions/V",
+                         help="a Secret Manager version holding the key, read by the workers in setup()")
     privacy.add_argument("--demo", action="store_true",
                          help="synthetic data: allow running with the public demo pseudonym key")

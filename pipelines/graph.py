@@ -84,7 +84,8 @@ class DecodeStreams(beam.PTransform):
         self._config = config
 
     def expand(self, raw):
-        pseudonymiser = Pseudonymiser(self._config.pseudonym_key)
+        # Only the key's reference travels in the graph; each decoder loads the key in setup().
+        pseudonymiser = Pseudonymiser.from_reference(self._config.key_reference)
         decoders = {
             "wearables": ("chunks", DecodeWearablesFn(pseudonymiser, self._config.patient.policy.window_seconds)),
             "observations": ("observations", DecodeObservationsFn(pseudonymiser)),

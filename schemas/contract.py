@@ -12,7 +12,16 @@ single declaration this module derives
 
 In memory a record is a plain ``dict``; timestamps are timezone-aware
 ``datetime`` objects in UTC (what fastavro returns for ``timestamp-micros``).
-JSON carries them as ISO-8601 strings; `from_json` converts.
+JSON carries them as ISO-8601 strings or as numeric epoch seconds; `from_json`
+converts.
+
+Every parse is bounded: a timestamp is accepted only from `EARLIEST_TIMESTAMP`
+(1900-01-01T00:00:00Z, inclusive) to `LATEST_TIMESTAMP` (2200-01-01T00:00:00Z,
+exclusive), whatever its spelling; anything else is a `SchemaError`, never an
+`OverflowError` (``fromtimestamp(1e20)``) nor a date at Python's limits that a
+later window computation cannot represent. Error messages quote a value only when
+it is a short scalar of a declared, non-identifying, non-enumerated field
+(`_shown`), so they never build the repr of a nested object.
 """
 
 from __future__ import annotations
@@ -32,6 +41,15 @@ TIMESTAMP = "timestamp"
 RECORD = "record"
 
 _SCALAR_TYPES = (STRING, INT, FLOAT, BOOL, TIMESTAMP)
+
+EARLIEST_TIMESTAMP = dt.datetime(1900, 1, 1, tzinfo=dt.timezone.utc)
+LATEST_TIMESTAMP = dt.datetime(2200, 1, 1, tzinfo=dt.timezone.utc)  # exclusive
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+EARLIEST_EPOCH_SECONDS = (EARLIEST_TIMESTAMP - _EPOCH).total_seconds()  # -2208988800
+LATEST_EPOCH_SECONDS = (LATEST_TIMESTAMP - _EPOCH).total_seconds()  # 7258118400 (exclusive)
+_MAX_TIMESTAMP_CHARS = 64  # an ISO-8601 timestamp with nanoseconds and an offset is 35
+_QUOTED_CHARS = 40
+_RANGE_TEXT = "outside the accepted range 1900-01-01T00:00:00Z to 2200-01-01T00:00:00Z"
 
 
 class SchemaError(ValueError):
@@ -223,9 +241,23 @@ def bigquery_schema_json(record: RecordDef) -> dict:
 # ---------------------------------------------------------------- validation
 
 
-def _shown(f: Field, value: Any) -> str:
-    """How an error message quotes a value: its repr, cut at 40 characters; never an identifier's."""
-    return "(value withheld: identifies a patient)" if f.identifying else f"{value!r:.40}"
+def _shown(f: Field | None, value: Any) -> str:
+    """How an error message quotes a value.
+
+    Only what is known to be safe is quoted: a bool, a number, or the first 40 characters of a
+    string of a declared field that neither identifies a patient nor is enumerated (a value not
+    in the allowed set may be anything an integration sent). Containers are never quoted (and
+    never repr'd: a list nested 1,000 deep would exhaust the stack), only their type is named.
+    """
+    if f is not None and f.identifying:
+        return "(value withheld: identifies a patient)"
+    if f is not None and f.choices:
+        return "(value withheld: not an allowed value)"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:_QUOTED_CHARS])
+    return "(value withheld)"
 
 
 def _check_scalar(f: Field, value: Any, path: str) -> None:
@@ -235,7 +267,7 @@ def _check_scalar(f: Field, value: Any, path: str) -> None:
         if len(value) < f.min_length:
             raise SchemaError(path, "must not be empty" if f.min_length == 1 else f"is shorter than {f.min_length}")
         if f.choices and value not in f.choices:
-            raise SchemaError(path, f"{_shown(f, value)} is not one of {', '.join(f.choices)}")
+            raise SchemaError(path, f"is not one of {', '.join(f.choices)} (value withheld)")
     elif f.type == BOOL:
         if not isinstance(value, bool):
             raise SchemaError(path, f"expected a boolean, got {type(value).__name__} {_shown(f, value)}")
@@ -254,6 +286,7 @@ def _check_scalar(f: Field, value: Any, path: str) -> None:
         if not isinstance(value, dt.datetime) or value.tzinfo is None:
             raise SchemaError(path, "expected a timezone-aware datetime, "
                               f"got {type(value).__name__} {_shown(f, value)}")
+        check_timestamp_range(value, path)
 
 
 def _check_value(f: Field, value: Any, path: str) -> None:
@@ -267,9 +300,11 @@ def _check_fields(fields: Sequence[Field], record: Any, path: str) -> None:
     if not isinstance(record, Mapping):
         raise SchemaError(path, f"expected a record, got {type(record).__name__}")
     known = {f.name for f in fields}
-    unknown = sorted(set(record) - known)
+    unknown = [name for name in record if name not in known]
     if unknown:
-        raise SchemaError(f"{path}.{unknown[0]}", "is not a field of this record")
+        # Names are withheld too: an integration's key may itself be an identifier.
+        raise SchemaError(path, f"has {len(unknown)} field{'s' if len(unknown) > 1 else ''} the schema does not "
+                          "declare (names withheld)")
     for f in fields:
         fpath = f"{path}.{f.name}"
         value = record.get(f.name)
@@ -299,19 +334,37 @@ def validate_fields(fields: Sequence[Field], record: Any, path: str) -> None:
 # ---------------------------------------------------------------- JSON
 
 
+def check_timestamp_range(value: dt.datetime, path: str) -> dt.datetime:
+    """`value` (aware) if it lies in [`EARLIEST_TIMESTAMP`, `LATEST_TIMESTAMP`); else SchemaError."""
+    if not EARLIEST_TIMESTAMP <= value < LATEST_TIMESTAMP:
+        raise SchemaError(path, f"is {_RANGE_TEXT}")
+    return value
+
+
 def parse_timestamp(value: Any, path: str) -> dt.datetime:
-    """ISO-8601 (``Z`` or offset) or epoch seconds -> aware UTC datetime."""
+    """ISO-8601 (``Z`` or offset; naive means UTC) or epoch seconds -> aware UTC datetime.
+
+    Numeric epoch seconds (int or float, as Unix tools write them) are accepted and documented;
+    like strings they must fall in the accepted range (1900-01-01 to 2200-01-01, UTC).
+    Raises SchemaError, and only SchemaError, for anything else.
+    """
     if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return check_timestamp_range(value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc), path)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # Compared before any conversion: fromtimestamp(1e20) raises OverflowError, NaN ValueError.
+        if not (isinstance(value, int) or math.isfinite(value)) or not (
+                EARLIEST_EPOCH_SECONDS <= value < LATEST_EPOCH_SECONDS):
+            raise SchemaError(path, f"epoch seconds {_RANGE_TEXT}")
         return dt.datetime.fromtimestamp(value, tz=dt.timezone.utc)
     if isinstance(value, str):
         try:
+            if len(value) > _MAX_TIMESTAMP_CHARS:
+                raise ValueError
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise SchemaError(path, f"{value!r:.40} is not an ISO-8601 timestamp") from None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-    raise SchemaError(path, f"expected a timestamp, got {type(value).__name__} {value!r:.40}")
+            raise SchemaError(path, f"{_shown(None, value)} is not an ISO-8601 timestamp") from None
+        return check_timestamp_range(parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc), path)
+    raise SchemaError(path, f"expected a timestamp, got {type(value).__name__} {_shown(None, value)}")
 
 
 def format_timestamp(value: dt.datetime) -> str:

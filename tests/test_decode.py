@@ -21,7 +21,7 @@ from transforms.decode import (
     UnreadableInput,
     to_micros,
 )
-from transforms.pseudonymise import Pseudonymiser
+from transforms.pseudonymise import DEMO_KEY, KeyReference, Pseudonymiser
 
 KEY = "test-key-0123456789"
 ARRIVAL = dt.datetime(2026, 3, 2, 6, 30, tzinfo=dt.timezone.utc)
@@ -79,7 +79,7 @@ def test_bad_samples_are_dead_letters_and_the_rest_is_kept():
     assert reasons == sorted([
         "WearableUpload.samples[1].spo2: 140.0 is above the maximum 100",
         "WearableUpload.samples[2].heart_rate: expected a number, got str 'fast'",
-        "WearableUpload.samples[3].sleep_stage: 'coma' is not one of awake, light, deep, rem",
+        "WearableUpload.samples[3].sleep_stage: is not one of awake, light, deep, rem (value withheld)",
         "WearableUpload.samples[4].event_time: is required but missing",
         "WearableUpload.samples[5].heart_rate: expected a number, got bool True",
     ])
@@ -95,7 +95,8 @@ def test_valid_samples_in_any_timestamp_form_and_unhashable_stages_do_not_stop_t
     (chunk,) = [c.value[1] for c in chunks]
     np.testing.assert_array_equal(chunk.vitals[:, 0], [70.0, 72.0, 73.0])
     assert chunk.times_us[-1] - chunk.times_us[0] == 10_000_000  # a naive time is UTC, as the schema says
-    assert [d["reason"] for d in dead] == ["WearableUpload.samples[3].sleep_stage: expected a string, got list ['rem']"]
+    assert [d["reason"] for d in dead] == ["WearableUpload.samples[3].sleep_stage: expected a string, got list "
+                                           "(value withheld: not an allowed value)"]
 
 
 def test_timestamps_the_schema_refuses_are_dead_letters_on_the_fast_path_too():
@@ -140,8 +141,11 @@ def test_broken_uploads_are_one_dead_letter_each_without_the_patient_id():
     assert [d["reason"].split(":")[0] for d in dead] == ["invalid JSON", "WearableUpload.patient_id", "WearableUpload",
                                                          "WearableUpload.samples"]
     assert [d["record_count"] for d in dead] == [1, 2, 1, 1]
+    # Unparsable text keeps only its length and keyed digest; a parsed record its declared fields.
+    assert orjson.loads(dead[0]["payload"]) == {"raw_length": len(broken_json),
+                                                "raw_digest": PSEUDONYMS.digest(broken_json)}
     assert "MRN-000042" not in dead[0]["payload"]
-    assert "pk:" + PSEUDONYMS.patient_key("MRN-000042") in dead[0]["payload"]
+    assert orjson.loads(dead[3]["payload"])["patient_id"] == "pk:" + PSEUDONYMS.patient_key("MRN-000042")
     assert all(d["recorded_at"] == ARRIVAL for d in dead)
 
 
@@ -160,8 +164,10 @@ def test_no_form_of_patient_id_reaches_a_dead_letter(patient_id, reason):
     assert output.tag == DEAD_LETTERS
     assert output.value["reason"].startswith(reason)
     letter = orjson.dumps(output.value, default=str).decode()
-    assert "MRN-0000" not in letter and "42" not in output.value["reason"]
-    assert '"patient_id": "pk:' in output.value["payload"]
+    assert "MRN-0000" not in letter and "42" not in output.value["reason"] and "42000042" not in letter
+    kept = orjson.loads(output.value["payload"])
+    assert kept["raw_length"] == len(payload) and kept["raw_digest"] == PSEUDONYMS.digest(payload)
+    assert set(kept) <= {"observation_id", "event_time", "patient_id", "raw_length", "raw_digest"}
 
 
 def test_a_decoded_record_with_a_non_string_patient_id_is_scrubbed_too():
@@ -196,7 +202,9 @@ def test_avro_records_decode_like_json():
     assert output.timestamp.micros == to_micros(event_time)
 
 
-def test_observations_are_keyed_by_pseudonym_in_a_pipeline():
+def test_observations_are_keyed_by_pseudonym_in_a_pipeline(monkeypatch):
+    monkeypatch.setenv("MEDTWIN_TEST_KEY", KEY)
+    shipped = Pseudonymiser.from_reference(KeyReference("env", "MEDTWIN_TEST_KEY"))
     raw = [
         RawRecord("o.jsonl:1", orjson.dumps({"observation_id": "o1", "patient_id": "MRN-1",
                                              "event_time": "2026-03-02T06:00:00Z", "consciousness": "alert",
@@ -205,7 +213,7 @@ def test_observations_are_keyed_by_pseudonym_in_a_pipeline():
     ]
     with TestPipeline() as pipeline:
         outputs = (pipeline | beam.Create(raw)
-                   | beam.ParDo(DecodeObservationsFn(PSEUDONYMS)).with_outputs(DEAD_LETTERS, main="ok"))
+                   | beam.ParDo(DecodeObservationsFn(shipped)).with_outputs(DEAD_LETTERS, main="ok"))
         assert_that(outputs.ok | beam.Map(lambda kv: (kv[0], kv[1]["consciousness"])),
                     equal_to([(PSEUDONYMS.patient_key("MRN-1"), "alert")]), label="decoded")
         assert_that(outputs[DEAD_LETTERS] | beam.Map(lambda d: d["reason"]),
@@ -217,20 +225,29 @@ def test_pseudonyms_depend_on_the_key():
     assert len(PSEUDONYMS.patient_key("MRN-1")) == 32
 
 
-def test_a_pseudonym_is_the_keyed_hash_and_a_pickled_pseudonymiser_carries_no_identifier():
+def test_a_pseudonym_is_the_keyed_hash_and_a_pickled_pseudonymiser_carries_neither_key_nor_identifier(monkeypatch):
     import hashlib
     import hmac
 
-    pseudonymiser = Pseudonymiser(KEY)
+    monkeypatch.setenv("MEDTWIN_TEST_KEY", KEY)
+    pseudonymiser = Pseudonymiser.from_reference(KeyReference("env", "MEDTWIN_TEST_KEY"))
     expected = hmac.new(KEY.encode(), b"MRN-000042", hashlib.sha256).hexdigest()[:32]
     assert pseudonymiser.patient_key("MRN-000042") == expected
     assert pseudonymiser.patient_key("MRN-000042") == expected  # remembered, not recomputed differently
     shipped = pickle.dumps(pseudonymiser)
-    assert b"MRN-000042" not in shipped and expected.encode() not in shipped
+    assert b"MRN-000042" not in shipped and expected.encode() not in shipped and KEY.encode() not in shipped
     assert pickle.loads(shipped).patient_key("MRN-000042") == expected
 
 
-@pytest.mark.parametrize("key, demo, ok", [(None, True, True), (None, False, False), ("short", True, False)])
+def test_a_pseudonymiser_holding_a_real_key_refuses_to_be_pickled():
+    with pytest.raises(pickle.PicklingError):
+        pickle.dumps(Pseudonymiser(KEY))
+    assert pickle.loads(pickle.dumps(Pseudonymiser(DEMO_KEY))).patient_key("MRN-1") == \
+        Pseudonymiser(DEMO_KEY).patient_key("MRN-1")
+
+
+@pytest.mark.parametrize("key, demo, ok", [(None, True, True), (None, False, False), ("short", True, True),
+                                           ("short", False, False)])
 def test_a_key_is_required_outside_the_demo(monkeypatch, key, demo, ok):
     from transforms.pseudonymise import MissingKeyError, resolve_key
 

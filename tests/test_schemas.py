@@ -147,7 +147,7 @@ def test_a_valid_upload_passes_both_validators():
          "not a finite number"),
         (_upload(samples=[{"heart_rate": 60.0}]), "WearableUpload.samples[0].event_time", "required"),
         (_upload(samples={"event_time": T0}), "WearableUpload.samples", "expected a list"),
-        (_upload(colour="red"), "WearableUpload.colour", "not a field"),
+        (_upload(colour="red"), "WearableUpload", "1 field the schema does not declare (names withheld)"),
     ],
 )
 def test_a_record_that_does_not_fit_is_rejected_naming_the_field(record, path, message):
@@ -214,7 +214,7 @@ def test_device_events_reject_unknown_kinds():
         "event_id": "e1", "device_id": "XR-1", "device_model": "DRX", "event_time": T0,
         "kind": "explosion", "severity": "info",
     }
-    with pytest.raises(SchemaError, match=r"DeviceLogEvent.kind: 'explosion' is not one of"):
+    with pytest.raises(SchemaError, match=r"DeviceLogEvent.kind: is not one of heartbeat, .* \(value withheld\)"):
         validate(DEVICE_LOG_EVENT, event)
 
 

@@ -5,7 +5,17 @@ already-decoded dict (Avro files), plus where it came from and when it
 arrived. Decoding checks each record against `schemas/` and replaces the
 patient identifier with its keyed pseudonym. Anything that does not fit goes
 to the ``dead_letters`` output with the stage, the reason naming the field,
-and the pseudonymised payload; nothing raises and nothing is dropped.
+and an allow-listed payload (`transforms.dead_letters.allowed_payload`: declared
+fields only, pseudonyms for identifiers, the raw record's length and keyed digest);
+nothing raises and nothing is dropped.
+
+Bounds checked before anything else touches a record: nesting depth
+(`transforms.dead_letters.MAX_DEPTH`), every timestamp in the contract's accepted
+range (1900-01-01 to 2200-01-01 UTC), and no timestamp more than
+`MAX_AHEAD_OF_ARRIVAL` after the record arrived: a sample cannot be taken after it
+reached the hospital, and a far-future time would hold a window, a too-late gate or a
+watermark open (issue 13, B6). A landed file's records arrived within its hour, and
+its `RawRecord.arrival_time` is the start of that hour, hence one hour of the two.
 
 Wearable uploads are the volume stream (one upload carries minutes of 1 Hz
 samples), so they are decoded column-wise into `SampleChunk`s, one per
@@ -31,13 +41,22 @@ from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from schemas import CLINICAL_OBSERVATION, DEVICE_LOG_EVENT, DICOM_REFERENCE, WEARABLE_UPLOAD, SchemaError
-from schemas.contract import from_json, from_json_fields, parse_timestamp, validate_fields
+from schemas import CLINICAL_OBSERVATION, DEVICE_LOG_EVENT, DICOM_REFERENCE, WEARABLE_UPLOAD, RecordDef, SchemaError
+from schemas.contract import (
+    EARLIEST_TIMESTAMP,
+    LATEST_TIMESTAMP,
+    TIMESTAMP,
+    from_json,
+    from_json_fields,
+    parse_timestamp,
+    validate_fields,
+)
 from schemas.inputs import SLEEP_STAGES, VITAL_NAMES, VITAL_SAMPLE
-from transforms.dead_letters import DEAD_LETTERS, dead_letter
+from transforms.dead_letters import DEAD_LETTERS, MAX_DEPTH, allowed_payload, dead_letter, within_depth
 from transforms.pseudonymise import Pseudonymiser
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+MAX_AHEAD_OF_ARRIVAL = dt.timedelta(hours=2)  # the file's hour + one hour of clock skew
 _SAMPLE_FIELDS = {f.name: f for f in VITAL_SAMPLE}
 _VITAL_LIMITS = np.array([[_SAMPLE_FIELDS[v].minimum, _SAMPLE_FIELDS[v].maximum] for v in VITAL_NAMES])
 _STEPS = _SAMPLE_FIELDS["steps"]
@@ -65,9 +84,17 @@ class RawRecord(NamedTuple):
 
 
 class UnreadableInput(NamedTuple):
-    """The payload of a RawRecord the source could not read at all (e.g. a damaged Avro file)."""
+    """The payload of a RawRecord the source could not read (a damaged Avro file, an unexpected file name).
+
+    Attributes:
+      reason: why, quoting nothing the input said.
+      record_count: how many input records it stands for (what a damaged file claimed to hold).
+      stage: the dead letter's stage when not the decoder's own (e.g. ``read_wearables``).
+    """
 
     reason: str
+    record_count: int = 1
+    stage: str | None = None
 
 
 class SampleChunk(NamedTuple):
@@ -102,7 +129,8 @@ class SampleChunk(NamedTuple):
             np.ascontiguousarray(self.steps, dtype=np.float64).tobytes(), stages)
 
 
-_AFTER_YEAR_9999_US = int(np.datetime64("10000-01-01T00:00:00", "us").astype(np.int64))
+_EARLIEST_US = (EARLIEST_TIMESTAMP - EPOCH) // dt.timedelta(microseconds=1)
+_LATEST_US = (LATEST_TIMESTAMP - EPOCH) // dt.timedelta(microseconds=1)  # exclusive
 STAGES_BY_CODE = (*SLEEP_STAGES, None)  # sleep stages as small integer codes
 STAGE_CODES = {stage: code for code, stage in enumerate(STAGES_BY_CODE)}
 
@@ -124,67 +152,126 @@ def _parse(raw: RawRecord) -> Any:
     return raw.payload if isinstance(raw.payload, dict) else orjson.loads(raw.payload)
 
 
-def _scrubbed(raw: RawRecord, pseudonymiser: Pseudonymiser) -> str:
-    """The payload as text for a dead letter, every patient identifier in it pseudonymised."""
-    if isinstance(raw.payload, dict):
-        payload = dict(raw.payload)
-        if payload.get("patient_id") is not None:
-            payload["patient_id"] = pseudonymiser.scrub_value(payload["patient_id"])
-        return orjson.dumps(payload, default=str, option=orjson.OPT_SORT_KEYS).decode()
-    if isinstance(raw.payload, str):
-        return pseudonymiser.scrub_text(raw.payload)
-    if isinstance(raw.payload, (bytes, bytearray, memoryview)):
-        return pseudonymiser.scrub_text(bytes(raw.payload).decode("utf-8", errors="replace"))
-    return ""  # UnreadableInput: nothing was read
+def _raw_bytes(payload: Any) -> bytes | None:
+    """The record as it arrived, as bytes (an Avro record canonically re-serialised), for its digest."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8", errors="replace")
+    if isinstance(payload, dict):
+        try:  # orjson is C and depth-limited: no RecursionError on a hostile record
+            return orjson.dumps(payload, default=str, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        except (orjson.JSONEncodeError, TypeError):
+            return None
+    return None
+
+
+def check_not_ahead(value: dt.datetime, latest: dt.datetime, path: str) -> None:
+    """SchemaError when `value` is later than `latest` (arrival + `MAX_AHEAD_OF_ARRIVAL`)."""
+    if value > latest:
+        raise SchemaError(path, "is more than 2 hours after the record arrived (a time in the future)")
+
+
+def _check_times(record_def: RecordDef, record: dict, latest: dt.datetime) -> None:
+    """No top-level timestamp of a decoded record lies after `latest`."""
+    for f in record_def.fields:
+        if f.type == TIMESTAMP and record.get(f.name) is not None:
+            check_not_ahead(record[f.name], latest, f"{record_def.name}.{f.name}")
 
 
 _READABLE_PAYLOADS = (bytes, bytearray, memoryview, str, dict)
+_NOT_PARSED = object()
 
 
 class _DecodeFn(beam.DoFn):
-    """Shared plumbing: parse, and turn any failure into a dead letter."""
+    """Shared plumbing: parse, bound, and turn any failure into a dead letter."""
 
     stage = "decode"
+    record_def: RecordDef
 
     def __init__(self, pseudonymiser: Pseudonymiser):
         self._pseudonymiser = pseudonymiser
         self._decoded = Metrics.counter(self.stage, "records_decoded")
+        self._unknown_dropped = Metrics.counter(self.stage, "unknown_fields_dropped")
+        self._unexpected = Metrics.counter(self.stage, "unexpected_errors")
 
-    def _reject(self, raw: RawRecord, reason: str, *, record_count: int = 1, event_time=None):
+    def setup(self):
+        self._pseudonymiser.load()  # the key, from its reference: never part of the pickled DoFn
+
+    def _payload(self, raw: RawRecord, obj: Any, fields=None) -> dict:
+        """The allow-listed dead-letter payload: declared fields of `obj`, the raw record's length and digest."""
+        payload: dict[str, Any] = {}
+        if obj is not _NOT_PARSED and isinstance(obj, dict) and within_depth(obj):
+            kept, dropped = allowed_payload(fields or self.record_def.fields, obj, self._pseudonymiser.scrub_value)
+            payload.update(kept)
+            if dropped:
+                payload["unknown_fields_dropped"] = dropped
+                self._unknown_dropped.inc(dropped)
+        data = _raw_bytes(raw.payload)
+        if data is not None:
+            payload["raw_length"] = len(data)
+            payload["raw_digest"] = self._pseudonymiser.digest(data)
+        return payload
+
+    def _reject(self, raw: RawRecord, reason: str, *, record_count: int = 1, event_time=None, obj: Any = _NOT_PARSED,
+                stage: str | None = None):
         return TaggedOutput(DEAD_LETTERS, dead_letter(
-            self.stage, reason, _scrubbed(raw, self._pseudonymiser), source=raw.source,
+            stage or self.stage, reason, self._payload(raw, obj), source=raw.source,
             recorded_at=raw.arrival_time, event_time=event_time, record_count=record_count,
         ))
 
     def process(self, raw: RawRecord):
         if isinstance(raw.payload, UnreadableInput):
-            yield self._reject(raw, raw.payload.reason)
+            unreadable = raw.payload
+            yield self._reject(raw, unreadable.reason, record_count=max(int(unreadable.record_count), 1),
+                               stage=unreadable.stage)
             return
         if not isinstance(raw.payload, _READABLE_PAYLOADS):  # a source bug; still no crash, no drop
             yield self._reject(raw, f"unreadable payload: {type(raw.payload).__name__}")
             return
         try:
             obj = _parse(raw)
-        except orjson.JSONDecodeError as error:
+        except orjson.JSONDecodeError as error:  # orjson's message names a position, never the content
             yield self._reject(raw, f"invalid JSON: {error}")
             return
+        if not self.shallow_enough(obj):
+            yield self._reject(raw, f"{self.record_def.name}: nested deeper than {MAX_DEPTH} levels")
+            return
+        latest = raw.arrival_time + MAX_AHEAD_OF_ARRIVAL
         try:
-            yield from self.decode(raw, obj)
+            yield from self.decode(raw, obj, latest)
         except SchemaError as error:
-            count = len(obj["samples"]) if isinstance(obj, dict) and isinstance(obj.get("samples"), list) else 1
-            yield self._reject(raw, str(error), record_count=max(count, 1))
+            yield self._reject(raw, str(error), record_count=_records_in(obj), obj=obj)
+        except (ArithmeticError, ValueError, TypeError, KeyError, IndexError, RecursionError) as error:
+            # Defence in depth: a record that breaks the decoder in a way no check foresaw is still a
+            # dead letter (the message is not quoted: it might quote the input).
+            self._unexpected.inc()
+            yield self._reject(raw, f"{self.record_def.name}: could not be decoded ({type(error).__name__})",
+                               record_count=_records_in(obj))
 
-    def decode(self, raw: RawRecord, obj: Any) -> Iterable:
+    def shallow_enough(self, obj: Any) -> bool:
+        return within_depth(obj)
+
+    def decode(self, raw: RawRecord, obj: Any, latest: dt.datetime) -> Iterable:
         raise NotImplementedError
+
+
+def _records_in(obj: Any) -> int:
+    """How many input records a whole-record dead letter stands for: an upload's samples, else 1."""
+    if isinstance(obj, dict) and isinstance(obj.get("samples"), list):
+        return max(len(obj["samples"]), 1)
+    return 1
 
 
 class DecodeDeviceEventsFn(_DecodeFn):
     """RawRecord -> (device_id, DeviceLogEvent dict) timestamped at event_time."""
 
     stage = "decode_device_logs"
+    record_def = DEVICE_LOG_EVENT
 
-    def decode(self, raw, obj):
+    def decode(self, raw, obj, latest):
         event = from_json(DEVICE_LOG_EVENT, obj)
+        _check_times(DEVICE_LOG_EVENT, event, latest)
         self._decoded.inc()
         yield TimestampedValue((event["device_id"], event), Timestamp(micros=to_micros(event["event_time"])))
 
@@ -193,9 +280,11 @@ class DecodeObservationsFn(_DecodeFn):
     """RawRecord -> (patient_key, ClinicalObservation without patient_id) at event_time."""
 
     stage = "decode_observations"
+    record_def = CLINICAL_OBSERVATION
 
-    def decode(self, raw, obj):
+    def decode(self, raw, obj, latest):
         observation = from_json(CLINICAL_OBSERVATION, obj)
+        _check_times(CLINICAL_OBSERVATION, observation, latest)
         key = self._pseudonymiser.patient_key(observation.pop("patient_id"))
         self._decoded.inc()
         yield TimestampedValue((key, observation), Timestamp(micros=to_micros(observation["event_time"])))
@@ -209,9 +298,11 @@ class DecodeDicomReferencesFn(_DecodeFn):
     """
 
     stage = "decode_dicom_refs"
+    record_def = DICOM_REFERENCE
 
-    def decode(self, raw, obj):
+    def decode(self, raw, obj, latest):
         reference = from_json(DICOM_REFERENCE, obj)
+        _check_times(DICOM_REFERENCE, reference, latest)
         reference["patient_key"] = self._pseudonymiser.patient_key(reference.pop("patient_id"))
         reference["source"] = raw.source
         self._decoded.inc()
@@ -225,25 +316,34 @@ class DecodeWearablesFn(_DecodeFn):
     """
 
     stage = "decode_wearables"
+    record_def = WEARABLE_UPLOAD
 
     def __init__(self, pseudonymiser: Pseudonymiser, window_seconds: int):
         super().__init__(pseudonymiser)
         self._window_us = int(window_seconds * 1_000_000)
         self._samples = Metrics.counter(self.stage, "samples_decoded")
 
-    def decode(self, raw, obj):
+    def shallow_enough(self, obj):
+        # The samples are read column-wise (only scalars pass) or one by one with bounded messages and
+        # payloads; the rest of the upload is bounded here, without a walk over every sample.
+        if not isinstance(obj, dict):
+            return within_depth(obj)
+        return within_depth({name: value for name, value in obj.items() if name != "samples"}, MAX_DEPTH - 1)
+
+    def decode(self, raw, obj, latest):
         if not isinstance(obj, dict):
             raise SchemaError("WearableUpload", f"expected a record, got {type(obj).__name__}")
         header = from_json(WEARABLE_UPLOAD, {**obj, "samples": []})
+        _check_times(WEARABLE_UPLOAD, header, latest)
         samples = obj.get("samples")
         if not isinstance(samples, list):
             raise SchemaError("WearableUpload.samples", f"expected a list, got {type(samples).__name__}")
         if not samples:  # nothing to count in a twin: still one input record, so a dead letter
             raise SchemaError("WearableUpload.samples", "is empty: an upload carries at least one sample")
         key = self._pseudonymiser.patient_key(header["patient_id"])
-        good, bad = _columns(samples)
+        good, bad = _columns(samples, to_micros(latest))
         for index, reason in bad:
-            yield self._reject_sample(raw, header, samples[index], reason)
+            yield self._reject_sample(raw, header, index, samples[index], reason)
         if good is None:
             return
         times, vitals, steps, stages = good
@@ -264,9 +364,18 @@ class DecodeWearablesFn(_DecodeFn):
                                 stages[begin:end])
             yield TimestampedValue((key, chunk), Timestamp(micros=int(times[begin])))
 
-    def _reject_sample(self, raw, header, sample, reason):
-        payload = {"upload_id": header["upload_id"], "device_id": header["device_id"],
-                   "patient_id": self._pseudonymiser.scrub_value(header["patient_id"]), "sample": sample}
+    def _reject_sample(self, raw, header, index, sample, reason):
+        kept, dropped = allowed_payload(VITAL_SAMPLE, sample if within_depth(sample, MAX_DEPTH - 2) else None,
+                                        self._pseudonymiser.scrub_value)
+        payload = {"upload_id": header["upload_id"][:200], "device_id": header["device_id"][:200],
+                   "patient_id": self._pseudonymiser.scrub_value(header["patient_id"]), "sample_index": index,
+                   "sample": kept if isinstance(sample, dict) else f"(value withheld: {type(sample).__name__})"}
+        if dropped:
+            payload["unknown_fields_dropped"] = dropped
+            self._unknown_dropped.inc(dropped)
+        data = _raw_bytes(raw.payload)
+        if data is not None:
+            payload["raw_length"], payload["raw_digest"] = len(data), self._pseudonymiser.digest(data)
         event_time = None
         if isinstance(sample, dict) and sample.get("event_time") is not None:
             try:
@@ -281,26 +390,31 @@ class _NeedsSampleBySample(Exception):
     """The fast column-wise path met something it does not handle; validate sample by sample."""
 
 
-def _columns(samples: list) -> tuple[tuple | None, list[tuple[int, str]]]:
-    """Samples -> ((times_us, vitals, steps, stages) or None when none is valid, [(index, reason)])."""
+def _columns(samples: list, latest_us: int) -> tuple[tuple | None, list[tuple[int, str]]]:
+    """Samples -> ((times_us, vitals, steps, stages) or None when none is valid, [(index, reason)]).
+
+    `latest_us`: no sample may be later (arrival + `MAX_AHEAD_OF_ARRIVAL`, microseconds).
+    """
     try:
-        return _fast_columns(samples), []
+        return _fast_columns(samples, latest_us), []
     except _NeedsSampleBySample:
         pass
+    latest = EPOCH + dt.timedelta(microseconds=latest_us)
     valid, rejected = [], []
     for index, sample in enumerate(samples):
         path = f"WearableUpload.samples[{index}]"
         try:
             record = from_json_fields(VITAL_SAMPLE, sample, path)
             validate_fields(VITAL_SAMPLE, record, path)
+            check_not_ahead(record["event_time"], latest, f"{path}.event_time")
         except SchemaError as error:
             rejected.append((index, str(error)))
         else:
             valid.append(record)  # parsed: aware datetimes, finite numbers, known stages (the fast path takes them all)
-    return _fast_columns(valid), rejected
+    return _fast_columns(valid, latest_us), rejected
 
 
-def _fast_columns(samples: list) -> tuple | None:
+def _fast_columns(samples: list, latest_us: int) -> tuple | None:
     """Column-wise conversion of well-formed samples; raises _NeedsSampleBySample on anything else.
 
     Returns (times_us (n,), vitals (n, 6), steps (n,), sleep stages (n-tuple)), or None for no samples.
@@ -309,6 +423,8 @@ def _fast_columns(samples: list) -> tuple | None:
         return None
     columns = _sample_columns(samples)
     times = _times_us(columns["event_time"])
+    if times.min() < _EARLIEST_US or times.max() >= _LATEST_US or times.max() > latest_us:
+        raise _NeedsSampleBySample  # out of the accepted range, or in the future: judged one by one
     if not set(map(type, columns["steps"])) <= _INTEGER_KINDS:
         raise _NeedsSampleBySample
     numbers = _numbers([*(columns[name] for name in VITAL_NAMES), columns["steps"]])  # (7, n)
@@ -359,9 +475,7 @@ def _times_us(values: Sequence) -> np.ndarray:
             times = np.array(stripped, dtype="datetime64[us]").astype(np.int64)
         except ValueError:
             raise _NeedsSampleBySample from None
-        if times.max() >= _AFTER_YEAR_9999_US:  # a five-digit year: not ISO-8601 for the schema either
-            raise _NeedsSampleBySample
-        return times
+        return times  # a five-digit year, or any year out of range, is refused by the caller
     if all(isinstance(v, dt.datetime) and v.tzinfo is not None for v in values):
         return np.array([to_micros(v) for v in values], dtype=np.int64)
     raise _NeedsSampleBySample

@@ -32,7 +32,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.decode import RawRecord, UnreadableInput, to_micros
+from transforms.decode import MAX_AHEAD_OF_ARRIVAL, RawRecord, UnreadableInput, to_micros
 
 STREAMS = ("wearables", "observations", "device_logs", "dicom_refs")
 _PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/[^/]*?-(\d{2})\.(jsonl|avro)$")
@@ -117,22 +117,34 @@ def landed_records(input_dir: str, stream: str) -> list[RawRecord]:
     return sorted(records, key=lambda r: r.arrival_time)
 
 
+# How far a record's own time may refine its file's arrival in a replay: a record stamped outside
+# [file hour - 1 day, file hour + MAX_AHEAD_OF_ARRIVAL] is replayed at its file's arrival instead, so one
+# far-future (or far-past) upload_time cannot drag the replay clock for years of empty steps (issue 13, B15).
+_REPLAY_EARLIEST_BEFORE_ARRIVAL = dt.timedelta(days=1)
+
+
 def _arrival_of(record: RawRecord) -> dt.datetime:
-    """Finer arrival than the file's hour: the record's own upload/event/observation time if it has one."""
+    """Finer arrival than the file's hour: the record's own upload/event/observation time if it has one
+    and it is plausible for that file (timezone-aware, in the accepted range, near the file's hour)."""
     payload = record.payload
+    arrival = record.arrival_time
     if isinstance(payload, UnreadableInput):
-        return record.arrival_time
+        return arrival
     if isinstance(payload, dict):
         value = payload.get("event_time") or payload.get("acquisition_time")
-        return value if isinstance(value, dt.datetime) else record.arrival_time
-    match = re.search(rb'"(upload_time|event_time)"\s*:\s*"([^"]+)"', payload)
-    if not match:
-        return record.arrival_time
-    try:
-        parsed = dt.datetime.fromisoformat(match.group(2).decode().replace("Z", "+00:00"))
-    except ValueError:
-        return record.arrival_time
-    return parsed if parsed.tzinfo else record.arrival_time
+    else:
+        match = re.search(rb'"(upload_time|event_time)"\s*:\s*"([^"]{1,64})"', bytes(payload))
+        if not match:
+            return arrival
+        try:
+            value = dt.datetime.fromisoformat(match.group(2).decode("ascii").replace("Z", "+00:00"))
+        except (ValueError, UnicodeDecodeError):
+            return arrival
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        return arrival
+    if not arrival - _REPLAY_EARLIEST_BEFORE_ARRIVAL <= value <= arrival + MAX_AHEAD_OF_ARRIVAL:
+        return arrival
+    return value
 
 
 def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int,
