@@ -1,6 +1,7 @@
 # medtwin: two commands on a fresh machine.
-#   make demo   set up .venv, simulate a small hospital, run the pipeline, summarise with DuckDB, draw one patient
-#   make test   set up .venv, run the test suite
+#   make demo   set up .venv and the local runners, simulate a small hospital, run the pipeline,
+#               summarise with DuckDB, draw one patient
+#   make test   set up .venv and the local runners, run the test suite (the runner matrix included)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MEDTWIN:= $(VENV)/bin/medtwin
@@ -10,7 +11,18 @@ DEMO   ?= demo
 DEMO_PATIENT := SELECT coalesce((SELECT subject_id FROM alerts WHERE kind = 'triage' ORDER BY onset_time LIMIT 1), \
                 (SELECT patient_key FROM patient_twin ORDER BY news2_score DESC NULLS LAST LIMIT 1)) AS patient
 
-.PHONY: install test demo bench clean-demo
+# Local runners (launch/runners.py), versions pinned in setup.py, cached under .runners/.
+RUNNERS            := .runners
+pin                 = $(shell sed -n 's/^$(1) = "\(.*\)"/\1/p' setup.py)
+BEAM_VERSION       := $(call pin,BEAM_VERSION)
+FLINK_BEAM_VERSION := $(call pin,FLINK_JOB_SERVER_BEAM_VERSION)
+FLINK_VERSION      := $(call pin,FLINK_VERSION)
+PRISM              := $(RUNNERS)/prism/v$(BEAM_VERSION)/prism
+FLINK_DIR          := $(RUNNERS)/flink/beam-$(FLINK_BEAM_VERSION)-flink-$(FLINK_VERSION)
+FLINK_JAR          := $(FLINK_DIR)/beam-flink-job-server.jar
+RUNNERS_MANIFEST   := $(RUNNERS)/runners.json
+
+.PHONY: install runners test demo bench clean-demo
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,10 +32,25 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Prism: Beam's portable runner, built from the Beam Go SDK module at the pinned Beam version.
+$(PRISM):
+	GOBIN=$(abspath $(dir $@)) GOFLAGS=-modcacherw go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$(BEAM_VERSION)
+
+# Beam's Flink job server: the runner and its dependencies from Maven Central, with a launcher jar.
+$(FLINK_JAR): launch/flink/pom.xml
+	mvn -q -B -f launch/flink/pom.xml package -Doutput.dir=$(abspath $(FLINK_DIR)) \
+	    -Dbeam.version=$(FLINK_BEAM_VERSION) -Dflink.minor=$(FLINK_VERSION)
+
+$(RUNNERS_MANIFEST): $(PRISM) $(FLINK_JAR) setup.py
+	printf '{"beam": "%s", "prism": "%s", "flink": "%s", "flink_job_server_beam": "%s", "flink_job_server_jar": "%s"}\n' \
+	    $(BEAM_VERSION) $(abspath $(PRISM)) $(FLINK_VERSION) $(FLINK_BEAM_VERSION) $(abspath $(FLINK_JAR)) > $@
+
+runners: $(RUNNERS_MANIFEST)
+
+test: $(STAMP) $(RUNNERS_MANIFEST)
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(STAMP) $(RUNNERS_MANIFEST)
 	rm -rf $(DEMO)
 	$(MEDTWIN) simulate --out $(DEMO)/hospital --patients 20 --devices 4 --hours 3 --seed 7 --corrupt-fraction 0.01
 	$(MEDTWIN) run --input $(DEMO)/hospital --output $(DEMO)/out --demo

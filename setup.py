@@ -5,8 +5,17 @@ This file is the real install: `pip install -e .[test]` on a workstation, and
 """
 import setuptools
 
+BEAM_VERSION = "2.77.0"
+# Local runners, installed by `make runners` (launch/runners.py): Prism is built from the Beam Go SDK
+# module at BEAM_VERSION. Beam's Flink job server comes from Maven Central, which serves no job-server
+# jar for any recent Beam and, of the Flink runner itself, only this one (with its dependencies):
+# Beam 2.56.0's runner for Flink 1.16 (launch/flink/pom.xml). The Python SDK at BEAM_VERSION talks to
+# it through the portable job API.
+FLINK_JOB_SERVER_BEAM_VERSION = "2.56.0"
+FLINK_VERSION = "1.16"
+
 REQUIRED = [
-    "apache-beam[gcp]==2.77.0",
+    f"apache-beam[gcp]=={BEAM_VERSION}",
     "torch==2.14.1",
     "torchvision==0.29.1",
     "numpy>=1.26",

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+from launch.runners import has_test_clock
 from transforms.detect import DEVICES, InferenceConfig, model_input_size
 from transforms.device_twin import DeviceTwinConfig
 from transforms.patient_twin import PatientTwinConfig
@@ -38,6 +39,8 @@ class SourceConfig:
       subscriptions: stream -> Pub/Sub subscription, for pubsub.
       kafka_bootstrap, topics: Kafka servers and stream -> topic, for kafka.
       replay_step_seconds, replay_watermark_lag_seconds: replay pacing (see `ReplayLandedFiles`).
+      replay_test_clock: the replay advances processing time with its steps; off on runners
+        that refuse it (Flink), where the live clock runs (`launch.runners.has_test_clock`).
       dates: arrival days to read (``YYYY-MM-DD``), for backfills; None reads every day.
     """
 
@@ -49,6 +52,7 @@ class SourceConfig:
     topics: dict = dataclasses.field(default_factory=dict)
     replay_step_seconds: int = 60
     replay_watermark_lag_seconds: int = 600
+    replay_test_clock: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,7 @@ class JobConfig:
     def from_args(cls, args: argparse.Namespace) -> "JobConfig":
         streaming = bool(args.streaming)
         source_kind = args.source or ("replay" if streaming else "files")
+        test_clock = has_test_clock(getattr(args, "runner", None) or getattr(args, "engine", None))
         patient_policy = WindowPolicy(
             window_seconds=args.window, allowed_lateness_seconds=args.allowed_lateness,
             early_firing_seconds=args.early_firing, streaming=streaming, tick_seconds=args.gate_tick)
@@ -109,6 +114,7 @@ class JobConfig:
                 kafka_bootstrap=args.kafka_bootstrap,
                 topics={s: getattr(args, f"kafka_{s}") for s in STREAMS if getattr(args, f"kafka_{s}")},
                 replay_step_seconds=args.replay_step, replay_watermark_lag_seconds=args.replay_watermark_lag,
+                replay_test_clock=test_clock,
                 dates=getattr(args, "dates", None)),
             sink=SinkConfig(kind="bigquery" if args.bigquery_dataset else "parquet",
                             output=args.bigquery_dataset or args.output, streaming=streaming),
@@ -124,11 +130,12 @@ class JobConfig:
         if args.no_imaging:
             return config
         # Built once the sources are known to be valid, so their errors come first.
-        return dataclasses.replace(config, imaging=_imaging_config(args, source_kind, device, streaming))
+        return dataclasses.replace(config, imaging=_imaging_config(args, config.source, device, streaming))
 
 
-def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTwinConfig,
+def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: DeviceTwinConfig,
                     streaming: bool) -> ImagingConfig:
+    source_kind = source.kind
     prefixes = tuple(args.dicom_allowed_prefixes or ())
     if not prefixes:
         if source_kind not in ("files", "replay", "watch") or not args.input:
@@ -139,10 +146,11 @@ def _imaging_config(args: argparse.Namespace, source_kind: str, device: DeviceTw
         raise ValueError(f"--weights {args.weights}: no such file (train one with `medtwin train`)")
     inference = InferenceConfig(
         weights_path=args.weights, device=args.inference_device, max_batch_size=args.inference_batch_size,
-        # A batch job batches per bundle; a stream must not hold a half-full batch for long. A replay
-        # batches per bundle too: its TestStream clock never reaches Beam's wall-clock flush timer, so a
-        # partial batch would wait for the end of the stream, where the DirectRunner drops timer output.
-        max_batch_duration_secs=args.inference_max_wait if streaming and source_kind != "replay" else None,
+        # A batch job batches per bundle; a stream must not hold a half-full batch for long. A replay on
+        # a test clock batches per bundle too: its clock never reaches Beam's wall-clock flush timer, so
+        # a partial batch would wait for the end of the stream, where the DirectRunner drops timer output.
+        max_batch_duration_secs=(args.inference_max_wait if streaming and not (
+            source_kind == "replay" and source.replay_test_clock) else None),
         score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
         # `medtwin launch --gpu TYPE`: the inference step asks for that accelerator.
         accelerator=f"type:{args.gpu};count:1;install-nvidia-driver" if getattr(args, "gpu", None) else None)

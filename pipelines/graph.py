@@ -58,7 +58,8 @@ class ReadStreams(beam.PTransform):
         if source.kind == "replay":
             return pipeline | "Replay" >> ReplayLandedFiles(
                 source.input_dir, STREAMS, step_seconds=source.replay_step_seconds,
-                watermark_lag_seconds=source.replay_watermark_lag_seconds, drain_seconds=self._drain_seconds)
+                watermark_lag_seconds=source.replay_watermark_lag_seconds, drain_seconds=self._drain_seconds,
+                advance_processing_time=source.replay_test_clock)
         streams = {}
         for stream in STREAMS:
             if source.kind == "files":

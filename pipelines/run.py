@@ -1,10 +1,14 @@
-"""`medtwin run`: the twin (and imaging) pipeline on the DirectRunner, or any runner Beam knows.
+"""`medtwin run`: the twin (and imaging) pipeline on a local runner, or any runner Beam knows.
 
     medtwin run --input demo/hospital --output demo/out --demo               # batch, DirectRunner
     medtwin run --input demo/hospital --output demo/out --demo --streaming   # replayed as a stream
+    medtwin run --input demo/hospital --output demo/out --demo --runner prism   # Beam's Prism runner
+    medtwin run --input demo/hospital --output demo/out --demo --runner flink   # embedded Flink
     medtwin run ... --runner DataflowRunner --project P --region R ...        # see launch/
 
-Unknown flags go to Beam's PipelineOptions. The job prints what it wrote.
+`--runner` takes direct, prism or flink (installed by `make runners`, see
+launch/runners.py) or any Beam runner name. Unknown flags go to Beam's
+PipelineOptions. The job prints what it wrote.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "run", help="run the twin pipeline", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(parser)
+    parser.add_argument("--runner", default="direct",
+                        help="direct, prism, flink, or a Beam runner name (PrismRunner, FlinkRunner, "
+                             "DataflowRunner, ...) [%(default)s]")
     parser.set_defaults(func=run, accepts_beam_args=True)
     return parser
 
@@ -63,12 +70,18 @@ def job_config_or_exit(args: argparse.Namespace, command: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from launch.runners import RunnerNotInstalled, runner_args
     from pipelines.query import print_summary
 
     config = job_config_or_exit(args, "run")
     if config is None:
         return 2
-    execute(config, args.beam_args)
+    try:
+        flags = runner_args(args.runner, args.beam_args) + list(args.beam_args)
+    except RunnerNotInstalled as error:
+        print(f"medtwin run: {error}", file=sys.stderr)
+        return 2
+    execute(config, flags)
     if config.sink.kind == "parquet" and "://" not in config.sink.output:
         print_summary(config.sink.output)
     return 0

@@ -19,6 +19,7 @@ from transforms.pseudonymise import DEMO_KEY, Pseudonymiser
 from transforms.sources import (
     ReadLandedFiles,
     arrival_from_path,
+    decode_replayed,
     kafka_to_raw,
     pubsub_to_raw,
     records_in_file,
@@ -81,7 +82,7 @@ def test_replay_releases_records_in_arrival_order_with_a_trailing_watermark(land
     elements, watermarks = [], []
     for event in stream._events:
         if isinstance(event, ElementEvent):
-            elements.append([tv.value[1].source.rsplit(":", 1)[1] for tv in event.timestamped_values])
+            elements.append([decode_replayed(tv.value)[1].source.rsplit(":", 1)[1] for tv in event.timestamped_values])
         elif isinstance(event, WatermarkEvent):
             watermarks.append(event.new_watermark)
     assert elements == [["1"], ["3"], ["1"]]  # 06:05 | 06:20 | 07:01

@@ -46,7 +46,8 @@ class DeviceStatsFn(beam.CombineFn):
         return [event for events in accumulators for event in events]
 
     def extract_output(self, events):
-        return summarise_device_window(events)
+        """The window's summary; None for a pane without events (see `panes.AttachPane`)."""
+        return summarise_device_window(events) if events else None
 
 
 def summarise_device_window(events: list[dict]) -> dict:

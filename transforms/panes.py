@@ -44,6 +44,11 @@ class _AttachPaneFn(beam.DoFn):
 
     def process(self, element, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
         key, stats = element
+        if stats is None:
+            # A pane of no elements, as Flink's runner emits for some windows (seen in the runner
+            # matrix, tests/test_runners.py). It adds nothing; the window is finalised by the twin's
+            # expiry timer from the panes it has already seen.
+            return
         timing = _TIMING_NAMES.get(pane.timing, "UNKNOWN")
         yield key, (PANE, {
             **stats,
@@ -57,7 +62,10 @@ class _AttachPaneFn(beam.DoFn):
 
 
 class AttachPane(beam.PTransform):
-    """(key, stats) per window pane -> (key, ("pane", stats with window/pane fields)), globally windowed."""
+    """(key, stats) per window pane -> (key, ("pane", stats with window/pane fields)), globally windowed.
+
+    Panes whose stats are None (no elements: see `_AttachPaneFn`) are dropped.
+    """
 
     def __init__(self, streaming: bool):
         super().__init__()

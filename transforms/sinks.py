@@ -4,17 +4,22 @@
 ``{table_name: PCollection[row dict]}`` and writes each table with the schema
 derived from `schemas/`.
 
-Parquet layout: ``OUT/<table>/date=YYYY-MM-DD/part-<shard>-<pane>.parquet``,
+Parquet layout: ``OUT/<table>/date=YYYY-MM-DD/part-<shard>-<n>.parquet``,
 the date taken from the table's partition column. Beam's `fileio` cannot be
 used here because its final rename does not create the ``date=`` folders; this
 writer groups rows per (date, shard) and writes each group with pyarrow
-through `FileSystems` (local paths, ``gs://``). In streaming, a group is
-flushed after `flush_rows` rows or `flush_seconds` of processing time,
-whichever comes first (early panes of the global window), and at the end of a bounded input: each flush is a new
-pane and a new file, so files are never rewritten while readers read them.
+through `FileSystems` (local paths, ``gs://``). In batch a group is the whole
+day's shard (``part-<shard>-000000``). In streaming, `GroupIntoBatches` in the
+global window flushes a group after `flush_rows` rows or `flush_seconds` of
+processing time, whichever comes first, and at the end of a bounded input: each
+flush is a new file named by a digest of its rows, so files are never
+rewritten while readers read them and a retried flush rewrites the same file.
 (Event-time windows would name files by time, but rows emitted by the twins'
 timers may carry timestamps behind the runner's watermark, and the
-DirectRunner would drop them as late.) File names are deterministic, so a retried bundle or a re-run backfill
+DirectRunner would drop them as late. A processing-time trigger on a global
+window would do the flushing too, but Prism 2.77 panics on one:
+"assignment to entry in nil map" in its aggregate stage's processing-time
+bundle.) File names are deterministic, so a retried bundle or a re-run backfill
 overwrites instead of duplicating.
 
 BigQuery: `WriteToBigQuery` with the derived schema, day partitioning and
@@ -25,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import zlib
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms import trigger, window
+from apache_beam.transforms import window
 
 from schemas import OUTPUT_TABLES, RecordDef, arrow_schema, bigquery_schema, bigquery_table_options
 from schemas.contract import TIMESTAMP
@@ -70,24 +76,36 @@ def partition_date(table: RecordDef, row: dict) -> str:
 
 
 class _WriteParquetGroupFn(beam.DoFn):
-    def __init__(self, table: RecordDef, root: str):
+    """((date, shard), rows) -> the path of the Parquet file written with them."""
+
+    def __init__(self, table: RecordDef, root: str, *, digest_names: bool):
         self._table = table
         self._root = root
+        self._digest_names = digest_names
 
     def setup(self):
         self._schema = arrow_schema(self._table)
 
-    def process(self, element, pane=beam.DoFn.PaneInfoParam):
+    def process(self, element):
         (date, shard), rows = element
         order = [self._table.partition_field, *self._table.cluster_fields]
         rows = sorted(rows, key=lambda r: tuple("" if r.get(c) is None else str(r.get(c)) for c in order))
         table = pa.Table.from_pylist(rows, schema=self._schema)
         path = FileSystems.join(self._root, self._table.name, f"date={date}",
-                                f"part-{shard:03d}-{pane.index:06d}.parquet")
+                                f"part-{shard:03d}-{self._file_name(table)}.parquet")
         with FileSystems.create(path) as handle:
             pq.write_table(table, handle, compression="zstd")
         beam.metrics.Metrics.counter("sink", f"{self._table.name}_rows").inc(len(rows))
         yield path
+
+    def _file_name(self, table: pa.Table) -> str:
+        """Batch: the day's one file per shard. Streaming: a digest of the flush's rows (a day has many)."""
+        if not self._digest_names:
+            return "000000"
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
 
 
 class WriteParquetTable(beam.PTransform):
@@ -101,19 +119,17 @@ class WriteParquetTable(beam.PTransform):
     def expand(self, rows):
         config, table = self._config, self._table
         if config.streaming:
-            rows = rows | "FlushEvery" >> beam.WindowInto(
-                window.GlobalWindows(),
-                trigger=trigger.AfterWatermark(early=trigger.AfterAny(
-                    trigger.AfterCount(config.flush_rows), trigger.AfterProcessingTime(config.flush_seconds))),
-                accumulation_mode=trigger.AccumulationMode.DISCARDING,
-            )
-        return (
-            rows
-            | "ByDateAndShard" >> beam.Map(lambda row: (
-                (partition_date(table, row), _shard(row, table, config.shards)), row))
-            | "GroupFiles" >> beam.GroupByKey()
-            | "WriteParquet" >> beam.ParDo(_WriteParquetGroupFn(table, config.output))
-        )
+            rows = rows | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+        keyed = rows | "ByDateAndShard" >> beam.Map(lambda row: (
+            (partition_date(table, row), _shard(row, table, config.shards)), row))
+        if not config.streaming:
+            return (keyed
+                    | "GroupFiles" >> beam.GroupByKey()
+                    | "WriteParquet" >> beam.ParDo(_WriteParquetGroupFn(table, config.output, digest_names=False)))
+        return (keyed
+                | "FlushEvery" >> beam.GroupIntoBatches(
+                    config.flush_rows, max_buffering_duration_secs=config.flush_seconds)
+                | "WriteParquet" >> beam.ParDo(_WriteParquetGroupFn(table, config.output, digest_names=True)))
 
 
 def _shard(row: dict, table: RecordDef, shards: int) -> int:

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 
 import apache_beam as beam
 import fastavro
+from apache_beam.coders import BytesCoder, FastPrimitivesCoder
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_stream import TestStream
@@ -147,13 +148,30 @@ def _arrival_of(record: RawRecord) -> dt.datetime:
     return value
 
 
+# Python's own element coder, the one Beam would use between two Python steps for (stream, RawRecord).
+REPLAY_CODER = FastPrimitivesCoder()
+
+
+def decode_replayed(encoded: bytes) -> tuple[str, RawRecord]:
+    """A replayed element's bytes -> (stream, RawRecord)."""
+    stream, record = REPLAY_CODER.decode(encoded)
+    return stream, RawRecord(*record)
+
+
 def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int,
-                  watermark_lag_seconds: int, drain_seconds: int = 0) -> TestStream:
+                  watermark_lag_seconds: int, drain_seconds: int = 0,
+                  advance_processing_time: bool = True) -> TestStream:
     """A TestStream of (stream, RawRecord) in arrival order.
 
     Records are released in steps of `step_seconds` of arrival time; after each step the
     watermark moves to (step end - `watermark_lag_seconds`), the way a Pub/Sub watermark trails
-    publish time. Processing time advances with the steps, so early panes fire.
+    publish time. Processing time advances with the steps, so early panes fire; with
+    `advance_processing_time` off (Flink refuses TestStream processing-time advances) the
+    runner's own clock runs, and early panes fire by wall-clock time.
+
+    Elements travel as bytes (`REPLAY_CODER`; `decode_replayed` reads them back): a portable
+    runner such as Flink runs the TestStream in Java, which can hold only elements of a coder
+    every SDK knows.
 
     After the last record, `drain_seconds` of event time pass before the input ends, as they
     would on a live stream: windows close and stateful steps emit their final rows while the
@@ -166,7 +184,7 @@ def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int
             arrival = _arrival_of(record)
             tagged.append((arrival, stream, record._replace(arrival_time=arrival)))
     tagged.sort(key=lambda item: (item[0], item[1], item[2].source))
-    events = TestStream()
+    events = TestStream(coder=BytesCoder()).with_output_types(bytes)
     if not tagged:
         return events.advance_watermark_to_infinity()
     step = dt.timedelta(seconds=step_seconds)
@@ -177,13 +195,14 @@ def replay_stream(input_dir: str, streams: tuple[str, ...], *, step_seconds: int
         batch = []
         while index < len(tagged) and tagged[index][0] < step_end:
             arrival, stream, record = tagged[index]
-            batch.append(TimestampedValue((stream, record), Timestamp(micros=to_micros(arrival))))
+            batch.append(TimestampedValue(REPLAY_CODER.encode((stream, record)), Timestamp(micros=to_micros(arrival))))
             index += 1
         if batch:
             events = events.add_elements(batch)
         watermark = step_end - dt.timedelta(seconds=watermark_lag_seconds)
         events = events.advance_watermark_to(Timestamp(micros=to_micros(watermark)))
-        events = events.advance_processing_time(step_seconds)
+        if advance_processing_time:
+            events = events.advance_processing_time(step_seconds)
         start = step_end
     if drain_seconds:
         events = events.advance_watermark_to(Timestamp(micros=to_micros(start + dt.timedelta(seconds=drain_seconds))))
@@ -194,8 +213,9 @@ class ReplayLandedFiles(beam.PTransform):
     """Local streaming: landed files -> {stream: PCollection[RawRecord]} replayed in arrival order."""
 
     def __init__(self, input_dir: str, streams: tuple[str, ...] = STREAMS, *, step_seconds: int = 60,
-                 watermark_lag_seconds: int = 600, drain_seconds: int = 0):
+                 watermark_lag_seconds: int = 600, drain_seconds: int = 0, advance_processing_time: bool = True):
         super().__init__()
+        self._advance_processing_time = advance_processing_time
         self._drain = drain_seconds
         self._input_dir = input_dir
         self._streams = streams
@@ -205,7 +225,8 @@ class ReplayLandedFiles(beam.PTransform):
     def expand(self, pipeline):
         replay = pipeline | "Replay" >> replay_stream(
             self._input_dir, self._streams, step_seconds=self._step_seconds, watermark_lag_seconds=self._lag,
-            drain_seconds=self._drain)
+            drain_seconds=self._drain, advance_processing_time=self._advance_processing_time)
+        replay = replay | "Decode" >> beam.Map(decode_replayed)
         return {
             stream: replay | f"Only_{stream}" >> beam.Filter(lambda item, s=stream: item[0] == s)
             | f"Record_{stream}" >> beam.Map(lambda item: item[1])

@@ -64,8 +64,9 @@ class VitalStatsFn(beam.CombineFn):
         return compacted, removed
 
     def extract_output(self, accumulator):
+        """The window's statistics; None for a pane without samples (see `panes.AttachPane`)."""
         chunks, removed = accumulator
-        return summarise(chunks, already_removed=removed)
+        return summarise(chunks, already_removed=removed) if chunks else None
 
 
 def deduplicate(chunks: list[SampleChunk]) -> tuple[SampleChunk, int]:
