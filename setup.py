@@ -15,7 +15,7 @@ FLINK_JOB_SERVER_BEAM_VERSION = "2.56.0"
 FLINK_VERSION = "1.16"
 
 REQUIRED = [
-    f"apache-beam[gcp]=={BEAM_VERSION}",
+    "apache-beam[gcp]==2.77.0",  # BEAM_VERSION
     "torch==2.14.1",
     "torchvision==0.29.1",
     "numpy>=1.26",

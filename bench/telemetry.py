@@ -108,11 +108,12 @@ def make_device_logs(devices: int, minutes: int, seed: int) -> list[bytes]:
 
 
 def land(records: list[bytes], root: Path, stream: str = "wearables", files: int = 8) -> None:
-    """Records -> root/<stream>/date=.../<stream>-NN.jsonl, `files` files."""
+    """Records -> root/<stream>/date=.../<stream>-NN-HH.jsonl, `files` files, all landed in START's hour
+    (the decoder refuses event times more than 2 h after a file's arrival hour)."""
     folder = root / stream / f"date={START.date().isoformat()}"
     folder.mkdir(parents=True)
     for index in range(files):
-        (folder / f"{stream}-{index:02d}.jsonl").write_bytes(b"\n".join(records[index::files]) + b"\n")
+        (folder / f"{stream}-{index:02d}-{START.hour:02d}.jsonl").write_bytes(b"\n".join(records[index::files]) + b"\n")
 
 
 def _landed_lines(root: Path, stream: str):
