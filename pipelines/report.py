@@ -41,6 +41,7 @@ NEWS2_SCORE_BANDS = ((0, 4, "low", "#d9f0d3"), (5, 6, "medium", "#fde0b2"), (7, 
 BAND_COLOURS = {"low": "#1b7837", "low-medium": "#e08214", "medium": "#e08214", "high": "#b2182b"}
 MAX_IMAGES = 4          # most recent X-rays shown; older ones are counted, not drawn
 DISPLAY_SIZE = 1024     # longest side of a shown X-ray, pixels (smaller images keep their size)
+MAX_IMAGE_BYTES = 128 * 1024 * 1024  # largest DICOM file read, as the pipeline's default fetch cap
 
 
 class ReportError(Exception):
@@ -139,11 +140,17 @@ def load_xray(detection: dict, images: dict[str, str], images_dir: str | None,
               display_size: int = DISPLAY_SIZE) -> XrayPanel:
     """The display image of one detection's X-ray, or a panel that says why there is none.
 
-    Only the pixels are read: no DICOM text attribute leaves this function. The file passes the
-    pipeline's own header checks (size caps, Part 10, pixel limits) before any pixel is decoded.
+    The file is read as the pipeline's fetch reads one (`transforms.dicom_fetch.read_regular_file`):
+    a regular file with one name, not a symbolic link, inside `images_dir`, at most
+    MAX_IMAGE_BYTES; a FIFO, a device or a link out is a panel saying so, never a hang or an
+    unbounded read.  It then passes the pipeline's own header and codestream checks before any
+    pixel is decoded.  Only the pixels are read: no DICOM text attribute, and no text of an
+    error (which could quote one), leaves this function; a panel names the pipeline's own rejection
+    reason (which withholds header values) or only the type of any other error.
     """
     from model.preprocess import prepare_dicom
-    from transforms.dicom_decode import DicomReadConfig, check_header, read_dataset
+    from transforms.dicom_decode import DicomReadConfig, DicomRejected, check_header, read_dataset
+    from transforms.dicom_fetch import FetchRejected, read_regular_file
 
     sop = detection["sop_instance_uid"]
     if not images_dir:
@@ -151,20 +158,23 @@ def load_xray(detection: dict, images: dict[str, str], images_dir: str | None,
     path = images.get(sop)
     if path is None:
         return XrayPanel(detection, None, 1.0, f"image file not found:\n{sop}.dcm\nunder {images_dir}")
+    name = os.path.basename(path)
     try:
-        checks = DicomReadConfig(allowed_prefixes=(images_dir,), target_size=display_size)
-        if os.path.getsize(path) > checks.max_file_bytes:
-            return XrayPanel(detection, None, 1.0, f"{os.path.basename(path)}\nis over the size cap")
-        with open(path, "rb") as file:
-            data = file.read()
+        checks = DicomReadConfig(allowed_prefixes=(images_dir,), target_size=display_size,
+                                 max_file_bytes=MAX_IMAGE_BYTES)
+        data = read_regular_file(path, checks.max_file_bytes, within=[os.path.realpath(images_dir)])
         ds = read_dataset(data, checks)
         check_header(ds, checks, data)
         if str(ds.get("SOPInstanceUID", "")) != sop:
-            return XrayPanel(detection, None, 1.0, f"{os.path.basename(path)}\nholds another SOP Instance UID")
+            return XrayPanel(detection, None, 1.0, f"{name}\nholds another SOP Instance UID")
         rows, cols = int(ds.Rows), int(ds.Columns)
         prepared = prepare_dicom(ds, target_size=min(max(rows, cols), display_size))
+    except FetchRejected as error:  # its reasons quote no path
+        return XrayPanel(detection, None, 1.0, f"cannot read {name}:\n{error}")
+    except DicomRejected as error:  # its reasons quote no header value (value withheld)
+        return XrayPanel(detection, None, 1.0, f"cannot read {name}:\n{error}"[:200])
     except Exception as error:  # an unreadable image is a panel, not a failed report
-        return XrayPanel(detection, None, 1.0, f"cannot read {os.path.basename(path)}:\n{error}"[:200])
+        return XrayPanel(detection, None, 1.0, f"cannot read {name}:\n{type(error).__name__}")
     return XrayPanel(detection, prepared.image, prepared.scale)
 
 

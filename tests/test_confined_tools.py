@@ -5,6 +5,7 @@ import datetime as dt
 import os
 import pathlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -113,3 +114,141 @@ def test_query_refuses_an_output_directory_with_a_symlink_out(output, tmp_path, 
     assert main(["query", str(output), f"SELECT * FROM read_csv('{output}/alerts/secret.csv')"]) == 2
     captured = capsys.readouterr()
     assert "symbolic link" in captured.err and "hunter2" not in captured.out + captured.err
+
+
+# --- medtwin report (B13, B17) and fetch (B17) ------------------------------------------------
+
+SOP = "1.2.826.0.1.3680043.8.498.777"
+
+
+def _xray(path):
+    from model.radiograph import synthesize_chest_xray
+    from simulator.dicom import PatientIdentity, StudyInfo, write_chest_radiograph
+
+    study = StudyInfo(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid=SOP, acquisition_time=T0, device_id="XR-1",
+                      modality="DX", manufacturer="Sim", model_name="DR", institution="Springfield General",
+                      station_name="XR1", accession_number="ACC1", referring_physician="Who^Doctor")
+    patient = PatientIdentity(patient_id="MRN0099001", name="Doe^Jane", birth_date="19700101", sex="F",
+                              address="1 Main Street")
+    write_chest_radiograph(path, synthesize_chest_xray(np.random.default_rng(3), rows=96, cols=80), patient, study)
+    return path
+
+
+def _detection():
+    return {"sop_instance_uid": SOP, "acquisition_time": T0, "covid_probability": 0.5, "boxes": []}
+
+
+def _panel(images):
+    from pipelines.report import index_images, load_xray
+
+    return load_xray(_detection(), index_images(str(images)), str(images), 64)
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images" / "1.2.3"
+    folder.mkdir(parents=True)
+    _xray(tmp_path / "outside.dcm")  # a real X-ray the report must not reach
+    return tmp_path / "images"
+
+
+def test_report_draws_a_regular_file_inside_images(images):
+    _xray(images / "1.2.3" / f"{SOP}.dcm")
+    panel = _panel(images)
+    assert panel.image is not None and panel.missing_reason is None
+
+
+def test_report_does_not_follow_a_symlink_out_of_images(images):
+    os.symlink(images.parent / "outside.dcm", images / "1.2.3" / f"{SOP}.dcm")
+    panel = _panel(images)
+    assert panel.image is None and "symbolic link" in panel.missing_reason
+
+
+def test_report_refuses_a_hard_link_to_a_file_outside_images(images):
+    os.link(images.parent / "outside.dcm", images / "1.2.3" / f"{SOP}.dcm")
+    panel = _panel(images)
+    assert panel.image is None and "hard link" in panel.missing_reason
+
+
+def test_report_does_not_hang_on_a_fifo_named_like_a_study(images):
+    import threading
+
+    fifo = images / "1.2.3" / f"{SOP}.dcm"
+    os.mkfifo(fifo)
+    panels = []
+    worker = threading.Thread(target=lambda: panels.append(_panel(images)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # the old code blocks in open(): release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(timeout=5)
+        pytest.fail("load_xray blocked on a FIFO")
+    assert panels[0].image is None and "not a regular file" in panels[0].missing_reason
+
+
+def _vm_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _zero_in_a_child(images, queue):
+    import resource
+
+    try:  # everything load_xray needs is imported by the parent; allow 1 GiB more address space than now
+        limit = (_vm_kib("VmSize") + (1 << 20)) << 10
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # the old code read /dev/zero until it ran out
+        with open("/proc/self/clear_refs", "w") as clear:  # "5" resets the peak (VmHWM) to the current RSS
+            clear.write("5")
+        before = _vm_kib("VmRSS")
+        panel = _panel(images)
+        queue.put((panel.missing_reason, _vm_kib("VmHWM") - before))
+    except BaseException as error:  # reported, not lost with the child
+        queue.put((f"child failed: {type(error).__name__}", -1))
+
+
+def test_report_does_not_read_a_symlink_to_dev_zero(images):
+    import multiprocessing
+
+    import model.preprocess  # noqa: F401  (imported before the fork, so the child's growth is its reading)
+    import pipelines.report  # noqa: F401
+    import transforms.dicom_decode  # noqa: F401
+
+    os.symlink("/dev/zero", images / "1.2.3" / f"{SOP}.dcm")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_zero_in_a_child, args=(images, queue))
+    child.start()
+    reason, grown_kib = queue.get(timeout=120)
+    child.join(timeout=30)
+    assert "symbolic link" in reason
+    assert 0 <= grown_kib < 256 << 10  # under 256 MiB more than before the call: the file was never read
+
+
+def test_report_refuses_a_file_over_the_size_cap(images, monkeypatch):
+    from pipelines import report
+
+    _xray(images / "1.2.3" / f"{SOP}.dcm")
+    monkeypatch.setattr(report, "MAX_IMAGE_BYTES", 1000)
+    panel = _panel(images)
+    assert panel.image is None and "over the size cap" in panel.missing_reason
+
+
+def test_fetch_refuses_a_hard_link_inside_the_prefix_to_a_file_outside(tmp_path):
+    from transforms import dicom_fetch
+
+    (tmp_path / "input").mkdir()
+    secret = _xray(tmp_path / "secret.dcm")
+    os.link(secret, tmp_path / "input" / "linked.dcm")
+    with pytest.raises(dicom_fetch.FetchRejected) as caught:
+        dicom_fetch.fetch_bytes(str(tmp_path / "input" / "linked.dcm"), (str(tmp_path / "input"),), 1 << 20)
+    assert caught.value.kind == dicom_fetch.HARD_LINK and "2 names" in caught.value.detail
+
+
+def test_fetch_does_not_hang_on_a_fifo(tmp_path):
+    from transforms import dicom_fetch
+
+    (tmp_path / "input").mkdir()
+    os.mkfifo(tmp_path / "input" / "pipe.dcm")
+    with pytest.raises(dicom_fetch.FetchRejected) as caught:
+        dicom_fetch.fetch_bytes(str(tmp_path / "input" / "pipe.dcm"), (str(tmp_path / "input"),), 1 << 20)
+    assert caught.value.kind == dicom_fetch.NOT_A_FILE

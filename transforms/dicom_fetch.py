@@ -17,17 +17,28 @@ own dead-letter reason:
 6. its size, from the match metadata, is within the cap, checked BEFORE reading;
    the read itself is capped too, in case the file grows in between.
 
-Local files are then read through their resolved real path, so the file read is
-the one that was checked.  Files are read without decompression
+Local files are read by `read_regular_file`: the resolved real path is opened
+with ``O_NOFOLLOW | O_NONBLOCK`` (a link swapped in after the check is refused,
+a FIFO cannot block the worker), and the open descriptor itself must be a
+regular file with ONE name (``st_nlink == 1``: a hard link inside the prefix to
+a file outside it is indistinguishable from the file itself, so any file with a
+second name is refused), under the cap, and still inside the prefix (Linux:
+``/proc/self/fd``).  The checks and the read are on the same descriptor, so the
+file read is the file checked.  Remote files are read without decompression
 (``CompressionTypes.UNCOMPRESSED``): ``FileSystems.open`` would otherwise
 inflate ``*.gz`` names, and the size cap would no longer bound the bytes.
+
+Reasons never quote the uri or a path: a uri is input, and hospital paths carry
+names and record numbers (``/pacs/DOE_JANE_MRN0099001/...``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import re
+import stat
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -50,6 +61,7 @@ SYMLINK_ESCAPE = "symlink escapes the allowed prefixes"
 NO_FILESYSTEM = "no filesystem for uri"
 MISSING = "file not found"
 NOT_A_FILE = "not a regular file"
+HARD_LINK = "file has more than one name (hard link)"
 TOO_LARGE = "file over the size cap"
 UNREADABLE = "file could not be read"
 
@@ -79,23 +91,25 @@ def check_uri(uri: str, allowed_prefixes: tuple[str, ...]) -> str:
     local files.  Raises FetchRejected.
     """
     if not isinstance(uri, str) or not uri:
-        raise FetchRejected(OUTSIDE_PREFIXES, f"uri {uri!r} is empty or not a string")
+        raise FetchRejected(OUTSIDE_PREFIXES, f"the uri is empty or not a string ({type(uri).__name__})")
     if ".." in re.split(r"[/\\]", uri):
-        raise FetchRejected(PARENT_SEGMENT, f"{uri!r} names a parent directory")
+        raise FetchRejected(PARENT_SEGMENT, "the uri names a parent directory (uri withheld)")
     if any(ord(character) < 32 or character == "\x7f" for character in uri):
-        raise FetchRejected(CONTROL_CHARACTERS, f"{uri!r} contains control characters")
+        raise FetchRejected(CONTROL_CHARACTERS, "the uri contains control characters (uri withheld)")
     if _GLOB.search(uri):
-        raise FetchRejected(GLOB_CHARACTERS, f"{uri!r} contains one of * ? [ ], which FileSystems would expand")
+        raise FetchRejected(GLOB_CHARACTERS, "the uri contains one of * ? [ ], which FileSystems would expand "
+                                             "(uri withheld)")
     matching = [prefix for prefix in allowed_prefixes if _under(uri, prefix)]
     if not matching:
-        raise FetchRejected(OUTSIDE_PREFIXES, f"{uri!r} is not under any of {list(allowed_prefixes)}")
+        raise FetchRejected(OUTSIDE_PREFIXES, f"the uri is under none of the {len(allowed_prefixes)} allowed "
+                                              "prefix(es) (uri withheld)")
     if FileSystems.get_scheme(uri) is not None:
         return uri
     real = os.path.realpath(uri)
     local_prefixes = [p for p in allowed_prefixes if FileSystems.get_scheme(p) is None]
     if not any(_is_within(real, os.path.realpath(prefix)) for prefix in local_prefixes):
-        raise FetchRejected(SYMLINK_ESCAPE, f"{uri!r} resolves to {real!r}, outside the real paths of "
-                                            f"{local_prefixes}")
+        raise FetchRejected(SYMLINK_ESCAPE, "the uri resolves through a symbolic link to a path outside the "
+                                            "real paths of the allowed prefixes (uri withheld)")
     return real
 
 
@@ -105,29 +119,99 @@ def fetch_bytes(uri: str, allowed_prefixes: tuple[str, ...], max_bytes: int) -> 
     Raises FetchRejected; never reads more than ``max_bytes + 1`` bytes.
     """
     path = check_uri(uri, allowed_prefixes)
+    if FileSystems.get_scheme(path) is None:
+        real_prefixes = [os.path.realpath(p) for p in allowed_prefixes if FileSystems.get_scheme(p) is None]
+        return read_regular_file(path, max_bytes, within=real_prefixes)
     try:
         results = FileSystems.match([path])
     except Exception as error:  # ValueError for an unknown scheme, BeamIOError for a failed listing
-        if FileSystems.get_scheme(path) is not None and isinstance(error, ValueError):
-            raise FetchRejected(NO_FILESYSTEM, f"{uri!r}: {error}") from None
-        raise FetchRejected(UNREADABLE,
-                            f"{uri!r}: could not look it up: {type(error).__name__}: {error}") from None
+        if isinstance(error, ValueError):
+            raise FetchRejected(NO_FILESYSTEM, f"no filesystem is registered for the scheme "
+                                               f"{_scheme_for_reason(path)}") from None
+        raise FetchRejected(UNREADABLE, f"the file could not be looked up: {type(error).__name__}") from None
     found = [m for m in results[0].metadata_list if m.path == path]
     if not found:
-        raise FetchRejected(MISSING, f"{uri!r} does not exist")
-    if FileSystems.get_scheme(path) is None and not os.path.isfile(path):
-        raise FetchRejected(NOT_A_FILE, f"{uri!r} is not a regular file")
+        raise FetchRejected(MISSING, "no file at the uri (uri withheld)")
     size = found[0].size_in_bytes
     if size > max_bytes:
-        raise FetchRejected(TOO_LARGE, f"{uri!r} is {size} bytes, over the cap of {max_bytes}")
+        raise FetchRejected(TOO_LARGE, f"the file is {size} bytes, over the cap of {max_bytes}")
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             data = handle.read(max_bytes + 1)
     except Exception as error:  # any filesystem's read errors
-        raise FetchRejected(UNREADABLE, f"{uri!r}: {type(error).__name__}: {error}") from None
+        raise FetchRejected(UNREADABLE, f"reading failed: {type(error).__name__}") from None
     if len(data) > max_bytes:
-        raise FetchRejected(TOO_LARGE, f"{uri!r} grew past the cap of {max_bytes} bytes while being read")
+        raise FetchRejected(TOO_LARGE, f"the file grew past the cap of {max_bytes} bytes while being read")
     return data
+
+
+def read_regular_file(path: str, max_bytes: int, *, within: list[str] | None = None) -> bytes:
+    """The bytes of the local regular file `path`, read through one descriptor that was checked.
+
+    `path` must not be a symbolic link (``O_NOFOLLOW``); the descriptor must be a regular file
+    (a FIFO, device or directory is refused, and ``O_NONBLOCK`` means opening a FIFO cannot
+    block), with one name (``st_nlink == 1``), at most `max_bytes`, and, when `within` names
+    real directory paths, lie inside one of them.  Never reads more than ``max_bytes + 1`` bytes.
+    Raises FetchRejected; its reasons quote no path.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise FetchRejected(MISSING, "no file at the uri (uri withheld)") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FetchRejected(SYMLINK_ESCAPE, "the file is a symbolic link, which is not followed") from None
+        raise FetchRejected(UNREADABLE, f"the file could not be opened: {errno.errorcode.get(error.errno, 'error')}") \
+            from None
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise FetchRejected(NOT_A_FILE, f"the uri names a {_file_type(status.st_mode)}, not a regular file")
+        if status.st_nlink != 1:
+            raise FetchRejected(HARD_LINK, f"the file has {status.st_nlink} names; a hard link can bring in a file "
+                                           "from outside the allowed prefixes, so files with more than one name "
+                                           "are refused")
+        if within is not None and not any(_is_within(_descriptor_path(descriptor, path), d) for d in within):
+            raise FetchRejected(SYMLINK_ESCAPE, "the opened file lies outside the allowed directories")
+        if status.st_size > max_bytes:
+            raise FetchRejected(TOO_LARGE, f"the file is {status.st_size} bytes, over the cap of {max_bytes}")
+        chunks, remaining = [], max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(descriptor, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as error:
+        raise FetchRejected(UNREADABLE, f"reading failed: {errno.errorcode.get(error.errno, 'error')}") from None
+    finally:
+        os.close(descriptor)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise FetchRejected(TOO_LARGE, f"the file grew past the cap of {max_bytes} bytes while being read")
+    return data
+
+
+def _descriptor_path(descriptor: int, path: str) -> str:
+    """The real path of an open file: what the kernel opened (Linux), else the resolved `path`."""
+    try:
+        return os.readlink(f"/proc/self/fd/{descriptor}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _scheme_for_reason(path: str) -> str:
+    scheme = FileSystems.get_scheme(path) or ""
+    return repr(scheme) if re.fullmatch(r"[a-z][a-z0-9+.-]{0,15}", scheme) else "(withheld)"
 
 
 def _under(uri: str, prefix: str) -> bool:
@@ -152,18 +236,31 @@ class FetchDicomFn(beam.DoFn):
     """DicomReference dict -> FetchedDicom (main output) or a dead letter (``DEAD_LETTERS``).
 
     Outputs keep the reference's timestamp (its acquisition time); dead letters are
-    recorded under it too, and their payload is the pseudonymised reference.
+    recorded under it too, and their payload is the pseudonymised reference.  A WADO-RS
+    uri is read by `transforms.dicomweb` when the DoFn is given a DicomWebAccess.
     """
 
-    def __init__(self, allowed_prefixes: tuple[str, ...], max_bytes: int):
+    def __init__(self, allowed_prefixes: tuple[str, ...], max_bytes: int, dicomweb=None):
         self._allowed_prefixes = tuple(allowed_prefixes)
         self._max_bytes = int(max_bytes)
+        # transforms.dicomweb.DicomWebAccess (allow-listed base URLs, a credentials reference) or None:
+        # http(s) uris are WADO-RS URLs, read by its client under the same rules; None refuses them.
+        self._dicomweb = dicomweb
+        self._wado = None
         self._fetched = Metrics.counter(STAGE, "files_fetched")
         self._bytes = Metrics.counter(STAGE, "bytes_read")
 
+    def setup(self):
+        # The PACS credentials are read here, on the worker: never in the pipeline graph.
+        self._wado = self._dicomweb.connect() if self._dicomweb is not None else None
+
     def process(self, reference: dict, timestamp=beam.DoFn.TimestampParam):
+        uri = reference.get("uri")
         try:
-            data = fetch_bytes(reference.get("uri"), self._allowed_prefixes, self._max_bytes)
+            if self._wado is not None and self._wado.handles(uri):
+                data = self._wado.retrieve(uri, self._max_bytes)
+            else:
+                data = fetch_bytes(uri, self._allowed_prefixes, self._max_bytes)
         except FetchRejected as error:
             yield TaggedOutput(DEAD_LETTERS, reference_dead_letter(STAGE, str(error), reference, timestamp))
             return
