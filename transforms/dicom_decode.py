@@ -104,6 +104,8 @@ class DicomReadConfig:
     max_file_bytes: largest file fetched (checked before reading).
     max_pixel_bytes: largest declared pixel data, Rows x Columns x frames x bytes per sample
         x Samples per Pixel, checked before decoding.
+    dicomweb: a `transforms.dicomweb.DicomWebAccess` when references may be WADO-RS URLs
+        (allow-listed base URLs, a credentials reference); None refuses http(s) uris.
     """
 
     allowed_prefixes: tuple[str, ...]
@@ -113,6 +115,7 @@ class DicomReadConfig:
     require_chest: bool = True
     max_file_bytes: int = 128 * MIB
     max_pixel_bytes: int = 64 * MIB
+    dicomweb: object | None = None
 
     def __post_init__(self):
         if not isinstance(self.allowed_prefixes, tuple) or not self.allowed_prefixes:
@@ -316,7 +319,7 @@ class ReadStudies(beam.PTransform):
 
     def expand(self, references):
         fetched = references | "FetchDicomFiles" >> beam.ParDo(
-            FetchDicomFn(self._config.allowed_prefixes, self._config.max_file_bytes)
+            FetchDicomFn(self._config.allowed_prefixes, self._config.max_file_bytes, self._config.dicomweb)
         ).with_outputs(DEAD_LETTERS, main="files")
         decoded = fetched.files | "DecodeDicomImages" >> beam.ParDo(
             DecodeDicomFn(self._config)).with_outputs(DEAD_LETTERS, main="images")
