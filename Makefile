@@ -22,7 +22,7 @@ FLINK_DIR          := $(RUNNERS)/flink/beam-$(FLINK_BEAM_VERSION)-flink-$(FLINK_
 FLINK_JAR          := $(FLINK_DIR)/beam-flink-job-server.jar
 RUNNERS_MANIFEST   := $(RUNNERS)/runners.json
 
-.PHONY: install runners test demo bench clean-demo
+.PHONY: install runners orthanc test demo bench clean-demo
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,7 +47,14 @@ $(RUNNERS_MANIFEST): $(PRISM) $(FLINK_JAR) setup.py
 
 runners: $(RUNNERS_MANIFEST)
 
-test: $(STAMP) $(RUNNERS_MANIFEST)
+# Orthanc (a real PACS, DICOMweb plugin) from Debian's .debs, unpacked with dpkg -x: nothing system-wide.
+ORTHANC := $(RUNNERS)/orthanc/root/usr/sbin/Orthanc
+$(ORTHANC): launch/orthanc.sh
+	launch/orthanc.sh install $(RUNNERS)/orthanc
+
+orthanc: $(ORTHANC)
+
+test: $(STAMP) $(RUNNERS_MANIFEST) $(ORTHANC)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP) $(RUNNERS_MANIFEST)
