@@ -36,6 +36,8 @@ REQUIRED = [
     "pycocotools>=2.0.7",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    # Findings as DICOM: TID 1500 measurement reports (transforms/structured_report.py).
+    "highdicom>=0.28",
 ]
 
 TEST = [
