@@ -133,6 +133,9 @@ DETECTIONS = RecordDef(
         Field("batch_size", INT, doc="Images in the inference batch."),
         Field("quality_flag", BOOL, doc="The acquiring device was degraded at acquisition time."),
         Field("quality_reasons", STRING, repeated=True, doc="Why the quality flag is set."),
+        Field("sr_sop_instance_uid", STRING, nullable=True,
+              doc="SOP Instance UID of the DICOM SR (TID 1500) holding these findings, in the output's "
+                  "structured_reports/ folder and stored to the PACS; null when reports are off."),
     ),
 )
 
