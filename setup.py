@@ -38,6 +38,10 @@ REQUIRED = [
     "matplotlib>=3.8",
     # Findings as DICOM: TID 1500 measurement reports (transforms/structured_report.py).
     "highdicom>=0.28",
+    # Learned early warning (transforms/features.py): tf.Transform analyses history in a batch job and the
+    # saved transform graph is applied unchanged in the stream. 1.21.0 (TensorFlow 2.21, tfx-bsl 1.21,
+    # protobuf 6) resolves beside Beam 2.77 / pyarrow / numpy / torch with none of their versions moved.
+    "tensorflow-transform==1.21.0",
 ]
 
 TEST = [
