@@ -41,11 +41,29 @@ $(FLINK_JAR): launch/flink/pom.xml
 	mvn -q -B -f launch/flink/pom.xml package -Doutput.dir=$(abspath $(FLINK_DIR)) \
 	    -Dbeam.version=$(FLINK_BEAM_VERSION) -Dflink.minor=$(FLINK_VERSION)
 
+# Kafka (launch/kafka/local.py): a KRaft broker for the tests, and Beam's Kafka IO expansion service with
+# the Java SDK worker pool its expanded transforms run in, from Maven Central; versions in local.py.
+kafka_pin           = $(shell sed -n 's/^$(1) = "\(.*\)"/\1/p' launch/kafka/local.py)
+KAFKA_VERSION      := $(call kafka_pin,KAFKA_VERSION)
+KAFKA_IO_BEAM      := $(call kafka_pin,KAFKA_IO_BEAM_VERSION)
+KAFKA_BROKER_STAMP := $(RUNNERS)/kafka/kafka-$(KAFKA_VERSION)/.installed
+KAFKA_IO_STAMP     := $(RUNNERS)/kafka/beam-io-$(KAFKA_IO_BEAM)/.installed
+
+$(KAFKA_BROKER_STAMP): launch/kafka/pom.xml launch/kafka/local.py
+	mvn -q -B -f launch/kafka/pom.xml package -Doutput.dir=$(abspath $(dir $@)) -Dkafka.version=$(KAFKA_VERSION)
+	touch $@
+
+$(KAFKA_IO_STAMP): launch/kafka/io/pom.xml launch/kafka/local.py
+	mvn -q -B -f launch/kafka/io/pom.xml package -Doutput.dir=$(abspath $(dir $@)) -Dbeam.version=$(KAFKA_IO_BEAM)
+	touch $@
+
+kafka: $(KAFKA_BROKER_STAMP) $(KAFKA_IO_STAMP)
+
 $(RUNNERS_MANIFEST): $(PRISM) $(FLINK_JAR) setup.py
 	printf '{"beam": "%s", "prism": "%s", "flink": "%s", "flink_job_server_beam": "%s", "flink_job_server_jar": "%s"}\n' \
 	    $(BEAM_VERSION) $(abspath $(PRISM)) $(FLINK_VERSION) $(FLINK_BEAM_VERSION) $(abspath $(FLINK_JAR)) > $@
 
-runners: $(RUNNERS_MANIFEST)
+runners: $(RUNNERS_MANIFEST) kafka
 
 # Orthanc (a real PACS, DICOMweb plugin) from Debian's .debs, unpacked with dpkg -x: nothing system-wide.
 ORTHANC := $(RUNNERS)/orthanc/root/usr/sbin/Orthanc

@@ -31,6 +31,9 @@ REQUIRED = [
     "pylibjpeg-rle>=2.0",
     "pyjpegls>=1.3",
     "google-cloud-bigquery>=3.20",
+    # `medtwin publish` (pipelines/publish.py): replays a hospital into Kafka topics with event-time
+    # record timestamps (librdkafka client; the pipeline itself reads with Beam's Kafka IO).
+    "confluent-kafka>=2.4",
     "safetensors>=0.4",
     "duckdb>=1.0",
     "pycocotools>=2.0.7",
