@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 from launch.runners import has_test_clock
@@ -20,10 +21,14 @@ from transforms.patient_twin import PatientTwinConfig
 from transforms.pseudonymise import KeyReference, resolve_key_reference
 from transforms.sinks import SinkConfig
 from transforms.dicom_decode import DicomReadConfig
+from transforms.dicomweb import CredentialsReference, DicomWebAccess
+from transforms.structured_report import FOLDER as STRUCTURED_REPORTS
+from transforms.structured_report import ReportConfig
 from transforms.sources import STREAMS
 from transforms.triage import TriageConfig
 from transforms.windowing import WindowPolicy
 
+FAIL_ONCE_ENV = "MEDTWIN_TEST_FAIL_ONCE_DIR"  # tests only: see transforms.parquet_sink.FailOncePerBundle
 SOURCES = ("files", "replay", "watch", "pubsub", "kafka")
 DEFAULT_WEIGHTS = str(Path(__file__).resolve().parent.parent / "model" / "weights" / "cascade_tiny.safetensors")
 
@@ -62,6 +67,7 @@ class ImagingConfig:
     read: DicomReadConfig
     inference: InferenceConfig
     triage: TriageConfig
+    reports: ReportConfig | None = None  # DICOM SRs of the findings: folder beside the tables and/or the PACS
 
     def __post_init__(self):
         if self.read.target_size != model_input_size(self.inference):
@@ -117,7 +123,10 @@ class JobConfig:
                 replay_test_clock=test_clock,
                 dates=getattr(args, "dates", None)),
             sink=SinkConfig(kind="bigquery" if args.bigquery_dataset else "parquet",
-                            output=args.bigquery_dataset or args.output, streaming=streaming),
+                            output=args.bigquery_dataset or args.output, streaming=streaming,
+                            owned_dates=getattr(args, "owned_dates", None),
+                            # tests only: the Parquet write steps fail once per bundle (bundle retries)
+                            fail_once_dir=os.environ.get(FAIL_ONCE_ENV) or None),
             patient=PatientTwinConfig(policy=patient_policy, expected_sample_seconds=args.expected_sample_seconds,
                                       stale_after_seconds=args.stale_after),
             device=device,
@@ -154,8 +163,18 @@ def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: Devi
         score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
         # `medtwin launch --gpu TYPE`: the inference step asks for that accelerator.
         accelerator=f"type:{args.gpu};count:1;install-nvidia-driver" if getattr(args, "gpu", None) else None)
+    pacs = (DicomWebAccess(base_urls=tuple(url.rstrip("/") for url in args.pacs_url),
+                           credentials=CredentialsReference.parse(args.pacs_credentials) if args.pacs_credentials
+                           else None) if args.pacs_url else None)
+    if args.pacs_credentials and not pacs:
+        raise ValueError("--pacs_credentials without --pacs_url")
+    read = DicomReadConfig(allowed_prefixes=prefixes, target_size=model_input_size(inference), dicomweb=pacs)
+    folder = (None if args.no_structured_reports or args.bigquery_dataset
+              else os.path.join(args.output, STRUCTURED_REPORTS))
     return ImagingConfig(
-        read=DicomReadConfig(allowed_prefixes=prefixes, target_size=model_input_size(inference)),
+        read=read,
+        reports=ReportConfig(folder=folder, pacs=pacs, allowed_prefixes=prefixes,
+                             max_file_bytes=read.max_file_bytes) if folder or pacs else None,
         inference=inference,
         # An image is flagged by the same device risk that raises a device alert.
         triage=TriageConfig(device_policy=device.policy, risk_threshold=device.risk.alert_threshold,
@@ -238,6 +257,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                          help="detector checkpoint, .safetensors with its .json beside it [model/weights/cascade_tiny]")
     imaging.add_argument("--dicom_allowed_prefixes", nargs="+", metavar="PREFIX",
                          help="directories or gs:// prefixes DICOM uris may point into [--input]")
+    imaging.add_argument("--pacs_url", nargs="+", metavar="URL",
+                         help="DICOMweb roots references may point into (WADO-RS); SRs are stored to the first "
+                              "(STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")
+    imaging.add_argument("--pacs_credentials", metavar="env:NAME|file:PATH",
+                         help="where the workers read the PACS's user:password (never the secret itself)")
+    imaging.add_argument("--no_structured_reports", action="store_true",
+                         help="write no DICOM SR copies into OUTPUT/structured_reports (still stored to --pacs_url)")
     imaging.add_argument("--inference_device", choices=DEVICES, default="auto",
                          help="auto: CUDA when the worker has it, else CPU [%(default)s]")
     imaging.add_argument("--inference_batch_size", type=Bounded(int, 1, 256), default=8,

@@ -1,0 +1,432 @@
+"""Parquet tables with a commit protocol: nothing lost, nothing doubled, under retries, re-runs and restarts.
+
+In:  ``{table_name: PCollection[row dict]}`` (rows of `schemas.OUTPUT_TABLES`) and a `SinkConfig`.
+Out: files under ``OUT/<table>/date=YYYY-MM-DD/`` (Hive layout, the date from the table's partition
+     column); `WriteParquetTables` returns ``{table_name: PCollection[committed path]}``.
+
+Every file is first written under the job's own temporary folder, ``OUT/_temporary/<job_id>/``,
+with a name unique to the bundle attempt (a uuid), and only then moved into its table, the way
+Beam's `fileio.WriteToFiles` and `filebasedsink` (`WriteToParquet`) do: a bundle that fails and
+is retried leaves an orphan temporary file, never a half or second copy in the table. Readers
+(`medtwin query`) glob ``OUT/<table>/**/*.parquet`` and never see ``_temporary``.
+
+Batch (``--start/--end`` backfills and plain batch runs): a batch job *owns* a set of event days
+(`SinkConfig.owned_dates`; a plain run owns every day its rows fall on) and replaces each owned
+(table, day) partition whole. Rows of days it does not own are not written: they belong to the
+job that owns that day. The files of a day are written by shard (``part-SSS-of-NNN.parquet``,
+rows sorted, so a re-run writes the same bytes); once every file is written (the side-input
+barrier: only successful bundles' outputs reach it), one commit step (`_CommitPartitionsFn`)
+swaps each partition folder for the staged one in a single ``renameat2(RENAME_EXCHANGE)`` on a
+local file system, so readers see the old day or the new day, never a mix; a partition left
+without rows is removed. On object stores (``gs://``), which have no folder rename, the commit
+moves each file into place (one object replace each) and then deletes the partition's other
+files: readers listing in the middle of that can briefly see old and new shards together.
+A retried commit is idempotent: a partition already holding this job's marker
+(``_committed_by``) is left alone.
+
+Streaming: rows are grouped per (day, shard) in the global window by `GroupIntoBatches` (after
+`flush_rows` rows or `flush_seconds`, and at the end of a bounded input) and each flush is one
+file, ``part-SSS-<job_id>-<digest of its rows>.parquet``: a job's files never overwrite another
+job's. Before writing, a flush drops every row whose identity (`row_identity`: the table's
+natural key) the partition already holds, reading the identity columns of files it has not read
+yet, so a retried flush, or a second job over the same input (a restart that replays it),
+adds nothing that is already there, and removes nothing either. One streaming job writes an
+output at a time (two at once could both add a row neither had seen).
+
+Why this is hand-made rather than `fileio.WriteToFiles` / `WriteToParquet`: (1) their final
+rename does not create the ``date=`` folders (`fileio` makes only the root); (2) neither replaces
+a partition: a re-run whose day now has fewer shards or no rows would keep the previous run's
+files; (3) in streaming `WriteToFiles` needs windows or a trigger to close files, and the only
+trigger that flushes a global window by time, a processing-time trigger, panics Prism 2.77
+("assignment to entry in nil map" in its aggregate stage); event-time windows would instead name
+files by time, but rows from the twins' timers may carry timestamps behind the watermark, which
+the DirectRunner drops as late.
+
+Fault injection (tests only): with `SinkConfig.fail_once_dir` set (``MEDTWIN_TEST_FAIL_ONCE_DIR``
+in the environment of `medtwin run`), each write step raises once per bundle, after its file is
+written (batch: before the commit; streaming: after the file is in the table), so the runner's
+bundle retry is exercised at the worst moment. See `FailOncePerBundle`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import hashlib
+import os
+import shutil
+import uuid
+import zlib
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms import window
+
+from schemas import OUTPUT_TABLES, RecordDef, arrow_schema
+
+TEMPORARY = "_temporary"
+COMMIT_MARKER = "_committed_by"
+
+# A row's identity: the columns that name it, whatever its values. A twin's final row is one per
+# window whatever its pane index (runners fire different early panes); its provisional rows are
+# one per pane. Tables not listed are identified by every column.
+ROW_IDENTITY = {
+    "patient_twin": ("patient_key", "window_start", "is_final", "pane_index"),
+    "device_twin": ("device_id", "window_start", "is_final", "pane_index"),
+    "detections": ("sop_instance_uid",),
+    "alerts": ("alert_id",),
+}
+
+
+def partition_date(table: RecordDef, row: dict) -> str:
+    """The ``YYYY-MM-DD`` (UTC) of `row`'s partition column."""
+    value = row[table.partition_field]
+    return value.astimezone(dt.timezone.utc).date().isoformat()
+
+
+def _shard(row: dict, table: RecordDef, shards: int) -> int:
+    if shards == 1:
+        return 0
+    key = "|".join(str(row.get(c)) for c in table.cluster_fields)
+    return zlib.crc32(key.encode("utf-8")) % shards
+
+
+def identity_columns(table: RecordDef) -> tuple[str, ...]:
+    return ROW_IDENTITY.get(table.name, table.names)
+
+
+def row_identity(table: RecordDef, row: dict) -> bytes:
+    """16 bytes naming `row` within its table (`ROW_IDENTITY`)."""
+    values = [row.get(name) for name in identity_columns(table)]
+    if "is_final" in identity_columns(table) and row.get("is_final"):
+        values[identity_columns(table).index("pane_index")] = None
+    text = "\x1f".join("" if v is None else v.isoformat() if isinstance(v, dt.datetime) else str(v) for v in values)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def _sorted_table(table: RecordDef, rows, schema: pa.Schema) -> pa.Table:
+    """Rows in a total order (partition, cluster columns, then the whole row), as one Arrow table."""
+    order = [table.partition_field, *table.cluster_fields]
+    rows = sorted(rows, key=lambda r: (tuple("" if r.get(c) is None else str(r.get(c)) for c in order),
+                                       repr([r.get(n) for n in table.names])))
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _write(table: pa.Table, path: str) -> None:
+    _ensure_parent(path)
+    with FileSystems.create(path) as handle:
+        pq.write_table(table, handle, compression="zstd")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _ensure_parent(path: str) -> None:
+    if _is_local(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+
+
+def partition_path(root: str, table: str, date: str) -> str:
+    return FileSystems.join(root, table, f"date={date}")
+
+
+def temporary_path(root: str, job_id: str, *parts: str) -> str:
+    return FileSystems.join(root, TEMPORARY, job_id, *parts)
+
+
+class FailOncePerBundle:
+    """Test-only fault injector: `check(element)` raises once for each bundle's first element.
+
+    The bundle is named by a digest of its first element (Python DoFns do not see bundle ids);
+    a marker file in `directory` records that it failed, so the retried bundle passes. A runner
+    that splits the retry differently fails each new first element once: every element fails at
+    most once, and the job finishes. Never built unless `SinkConfig.fail_once_dir` is set.
+    """
+
+    def __init__(self, directory: str | None, step: str):
+        self._directory = directory
+        self._step = step
+        self._checked = False
+
+    def start_bundle(self):
+        self._checked = False
+
+    def check(self, element_key: str) -> None:
+        if self._directory is None or self._checked:
+            return
+        self._checked = True
+        name = hashlib.sha256(f"{self._step}|{element_key}".encode()).hexdigest()[:24]
+        marker = os.path.join(self._directory, name)
+        try:
+            with open(marker, "x"):
+                pass
+        except FileExistsError:
+            return
+        beam.metrics.Metrics.counter("sink", "injected_bundle_failures").inc()
+        raise RuntimeError(f"injected bundle failure in {self._step} (test flag MEDTWIN_TEST_FAIL_ONCE_DIR)")
+
+
+# ----------------------------------------------------------------------------------------------- batch
+
+class _WriteStagedFileFn(beam.DoFn):
+    """((date, shard), rows) -> (table, date, shard, temporary path) of the file written with them."""
+
+    def __init__(self, table: RecordDef, root: str, job_id: str, fail_once_dir: str | None):
+        self._table = table
+        self._root = root
+        self._job_id = job_id
+        self._fail_once_dir = fail_once_dir
+
+    def setup(self):
+        self._schema = arrow_schema(self._table)
+        self._faults = FailOncePerBundle(self._fail_once_dir, f"stage:{self._table.name}")
+
+    def start_bundle(self):
+        self._faults.start_bundle()
+
+    def process(self, element):
+        (date, shard), rows = element
+        table = _sorted_table(self._table, rows, self._schema)
+        path = temporary_path(self._root, self._job_id, self._table.name, f"date={date}",
+                              f"part-{shard:03d}-{uuid.uuid4().hex}.parquet")
+        _write(table, path)
+        self._faults.check(f"{date}|{shard}|{table.num_rows}")
+        yield self._table.name, date, shard, path
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot exchange
+        return False
+    raise OSError(errno, os.strerror(errno), a)
+
+
+def commit_partition(root: str, job_id: str, table: str, date: str, staged: list[tuple[int, str]],
+                     shards: int, *, atomic_swap: bool = True) -> list[str]:
+    """Replaces OUT/<table>/date=<date> with the `staged` (shard, temporary path) files; returns the
+    committed paths. Idempotent: a partition this job already committed is left as it is."""
+    final = partition_path(root, table, date)
+    names = {shard: f"part-{shard:03d}-of-{shards:03d}.parquet" for shard, _ in staged}
+    committed = [FileSystems.join(final, names[shard]) for shard, _ in sorted(staged)]
+    if _is_local(root) and atomic_swap:
+        _commit_local(root, job_id, table, date, staged, names)
+        return committed
+    for shard, path in staged:  # object stores: one object replace per file, then the leftovers go
+        if FileSystems.exists(path):
+            FileSystems.rename([path], [FileSystems.join(final, names[shard])])
+    existing = FileSystems.match([FileSystems.join(final, "*")])[0].metadata_list
+    leftovers = [m.path for m in existing if os.path.basename(m.path) not in names.values()]
+    if leftovers:
+        FileSystems.delete(leftovers)
+    return committed
+
+
+def _commit_local(root, job_id, table, date, staged, names) -> None:
+    final = partition_path(root, table, date)
+    marker = os.path.join(final, COMMIT_MARKER)
+    if os.path.isfile(marker) and open(marker).read() == job_id:
+        return  # a retried commit: this job's partition is in place already
+    trash = temporary_path(root, job_id, "replaced", table, f"date={date}")
+    if not staged:
+        if os.path.isdir(final):
+            os.makedirs(os.path.dirname(trash), exist_ok=True)
+            os.rename(final, trash)  # a day without rows any more: the partition goes, in one rename
+        return
+    stage = temporary_path(root, job_id, "commit", table, f"date={date}")
+    os.makedirs(stage, exist_ok=True)
+    for shard, path in staged:
+        if os.path.exists(path):
+            os.replace(path, os.path.join(stage, names[shard]))
+    with open(os.path.join(stage, COMMIT_MARKER), "w") as handle:
+        handle.write(job_id)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    if not os.path.isdir(final):
+        os.rename(stage, final)
+    elif not _exchange(stage, final):  # no exchange on this file system: two renames, a brief gap
+        os.makedirs(os.path.dirname(trash), exist_ok=True)
+        os.rename(final, trash)
+        os.rename(stage, final)
+
+
+class _CommitPartitionsFn(beam.DoFn):
+    """(the one trigger element; side inputs: every staged file, every day with rows) -> committed paths."""
+
+    def __init__(self, root: str, job_id: str, tables: tuple[str, ...], owned_dates, shards: int,
+                 atomic_swap: bool = True):
+        self._root = root
+        self._job_id = job_id
+        self._tables = tables
+        self._owned = tuple(owned_dates) if owned_dates else None
+        self._shards = shards
+        self._atomic_swap = atomic_swap
+
+    def process(self, _, staged, dates):
+        owned = self._owned or tuple(sorted(set(dates)))
+        files = {}
+        for table, date, shard, path in staged:
+            files.setdefault((table, date), []).append((shard, path))
+        for table in self._tables:
+            for date in owned:
+                for path in commit_partition(self._root, self._job_id, table, date, files.get((table, date), []),
+                                             self._shards, atomic_swap=self._atomic_swap):
+                    yield table, path
+        scratch = temporary_path(self._root, self._job_id)
+        if _is_local(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                os.rmdir(os.path.dirname(scratch))  # _temporary itself, when no other job is writing
+            except OSError:
+                pass
+        elif FileSystems.exists(scratch):
+            FileSystems.delete([scratch])
+
+
+# ------------------------------------------------------------------------------------------- streaming
+
+class _AppendFlushFn(beam.DoFn):
+    """((date, shard), rows) -> the path of the file written with the rows the partition lacks, if any."""
+
+    def __init__(self, table: RecordDef, root: str, job_id: str, fail_once_dir: str | None):
+        self._table = table
+        self._root = root
+        self._job_id = job_id
+        self._fail_once_dir = fail_once_dir
+
+    def setup(self):
+        self._schema = arrow_schema(self._table)
+        self._faults = FailOncePerBundle(self._fail_once_dir, f"flush:{self._table.name}")
+        self._read = {}   # date -> paths whose identities are in self._known[date]
+        self._known = {}  # date -> identities the partition holds
+
+    def start_bundle(self):
+        self._faults.start_bundle()
+
+    def _held(self, date: str) -> set:
+        """Identities of the rows in the partition's files, reading only files not read before."""
+        known, read = self._known.setdefault(date, set()), self._read.setdefault(date, set())
+        pattern = FileSystems.join(partition_path(self._root, self._table.name, date), "*.parquet")
+        columns = list(identity_columns(self._table))
+        for metadata in FileSystems.match([pattern])[0].metadata_list:
+            if metadata.path in read:
+                continue
+            with FileSystems.open(metadata.path) as handle:
+                held = pq.read_table(handle, columns=columns).to_pylist()
+            known.update(row_identity(self._table, row) for row in held)
+            read.add(metadata.path)
+        return known
+
+    def process(self, element):
+        (date, shard), rows = element
+        known = self._held(date)
+        fresh = {}
+        for row in rows:
+            fresh.setdefault(row_identity(self._table, row), row)
+        rows = [row for identity, row in fresh.items() if identity not in known]
+        if rows:
+            table = _sorted_table(self._table, rows, self._schema)
+            final = FileSystems.join(partition_path(self._root, self._table.name, date),
+                                     f"part-{shard:03d}-{self._job_id}-{_digest(table)}.parquet")
+            staged = temporary_path(self._root, self._job_id, self._table.name, f"date={date}",
+                                    f"{uuid.uuid4().hex}.parquet")
+            _write(table, staged)
+            _ensure_parent(final)
+            FileSystems.rename([staged], [final])
+            known.update(fresh)
+            self._read[date].add(final)
+            beam.metrics.Metrics.counter("sink", f"{self._table.name}_rows").inc(len(rows))
+            self._faults.check(f"{date}|{shard}|{final}")
+            yield final
+
+
+def _digest(table: pa.Table) -> str:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ composites
+
+class WriteParquetTables(beam.PTransform):
+    """``{table_name: PCollection[row]}`` -> Parquet under `config.output`; ``{table_name: committed paths}``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self._config = config
+
+    def expand(self, tables: dict):
+        if self._config.streaming:
+            return {name: rows | f"Append_{name}" >> _AppendFlushes(OUTPUT_TABLES[name], self._config)
+                    for name, rows in tables.items()}
+        config = self._config
+        owned = set(config.owned_dates) if config.owned_dates else None
+        staged, dates = [], []
+        for name, rows in tables.items():
+            table = OUTPUT_TABLES[name]
+            if owned is not None:
+                rows = rows | f"OwnedDays_{name}" >> beam.Filter(lambda row, t=table: partition_date(t, row) in owned)
+            staged.append(rows | f"Stage_{name}" >> _StageFiles(table, config))
+            if owned is None:
+                dates.append(rows | f"Days_{name}" >> beam.Map(lambda row, t=table: partition_date(t, row)))
+        pipeline = next(iter(tables.values())).pipeline
+        all_staged = staged | "AllStagedFiles" >> beam.Flatten(pipeline=pipeline)
+        all_dates = (dates or [pipeline | "NoDays" >> beam.Create([])]) | "AllDays" >> beam.Flatten(
+            pipeline=pipeline) | "DistinctDays" >> beam.Distinct()
+        committed = (
+            pipeline
+            | "CommitOnce" >> beam.Create([None])
+            | "CommitPartitions" >> beam.ParDo(
+                _CommitPartitionsFn(config.output, config.job_id, tuple(tables), config.owned_dates, config.shards),
+                staged=beam.pvalue.AsList(all_staged), dates=beam.pvalue.AsList(all_dates))
+        )
+        return {name: committed | f"Committed_{name}" >> beam.FlatMap(
+                    lambda item, n=name: [item[1]] if item[0] == n else [])
+                for name in tables}
+
+
+class _StageFiles(beam.PTransform):
+    """Batch rows of one table -> (table, date, shard, temporary path) per (day, shard) file."""
+
+    def __init__(self, table: RecordDef, config):
+        super().__init__()
+        self._table = table
+        self._config = config
+
+    def expand(self, rows):
+        table, config = self._table, self._config
+        return (rows
+                | "ByDateAndShard" >> beam.Map(lambda row: (
+                    (partition_date(table, row), _shard(row, table, config.shards)), row))
+                | "GroupFiles" >> beam.GroupByKey()
+                | "WriteStaged" >> beam.ParDo(
+                    _WriteStagedFileFn(table, config.output, config.job_id, config.fail_once_dir)))
+
+
+class _AppendFlushes(beam.PTransform):
+    """Streaming rows of one table -> paths of the flush files written (rows the partition lacked)."""
+
+    def __init__(self, table: RecordDef, config):
+        super().__init__()
+        self._table = table
+        self._config = config
+
+    def expand(self, rows):
+        table, config = self._table, self._config
+        return (rows
+                | "GlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                | "ByDateAndShard" >> beam.Map(lambda row: (
+                    (partition_date(table, row), _shard(row, table, config.shards)), row))
+                | "FlushEvery" >> beam.GroupIntoBatches(
+                    config.flush_rows, max_buffering_duration_secs=config.flush_seconds)
+                | "AppendNew" >> beam.ParDo(_AppendFlushFn(table, config.output, config.job_id, config.fail_once_dir)))
