@@ -4,10 +4,16 @@
     loaded = load_detector("out/best.safetensors")     # .model, .config, .arch, .version
 
 `best.safetensors` holds the state dict (tensors only: nothing in it can run
-code); `best.json` holds the format marker, the architecture, the full
-`DetectorConfig` and `version`, a short hash of the weights that is checked on
-load, so a JSON paired with the wrong weights is refused. Pickle-based files
-(.pt, .pth, .ckpt) are refused outright.
+code) and, in its header metadata, the architecture, the full `DetectorConfig`
+(canonical JSON) and `version`, a short hash of the weights that is checked on
+load.  `best.json` repeats them beside the trainer's extras for people and
+tools; on load its arch, config and version must equal the weights file's, so
+a JSON edited or paired with other weights is refused, and the config the
+model is built from is the one inside the weights file.  Every config value
+is type- and range-checked (`model.configs.config_from_dict`) before any
+tensor is read or any model built: a tampered ``input_size: 60000`` is a
+clear refusal, not a worker killed for memory.  Headers and JSON are read
+with size bounds.  Pickle-based files (.pt, .pth, .ckpt) are refused outright.
 
 Training state for `--resume` (optimiser, schedule, AMP scaler, RNG, progress)
 is kept the same way in `<stem>.train_state.safetensors` + `.json` beside the
@@ -21,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +42,8 @@ TRAIN_STATE_FORMAT = "medtwin-detector-train-state"
 FORMAT_VERSION = 1
 VERSION_HEX_CHARS = 12
 SUFFIX = ".safetensors"
+MAX_JSON_BYTES = 4 << 20  # a checkpoint's JSON (config, extras, training history)
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header: tensor names, shapes, offsets and our metadata
 
 
 class LoadedDetector(NamedTuple):
@@ -83,7 +92,8 @@ def save_detector(
         "extra": extra or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT, "version": version}))
+    header = {"format": FORMAT, "version": version, "arch": arch, "config": canonical_config(metadata["config"])}
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=header))
     _write_json(path.with_suffix(".json"), metadata)
     return version
 
@@ -93,11 +103,14 @@ def load_detector(path: str | Path, *, device: str | torch.device = "cpu") -> Lo
 
     Raises:
         ValueError: not a .safetensors file, no JSON beside it, a foreign
-            format, weights whose hash differs from the JSON's version, or
-            weights that do not fit the configured architecture.
+            format, a JSON whose arch, config or version differ from the
+            weights file's, a config value of the wrong type or out of range
+            (`model.configs.ConfigError`), weights whose hash differs from
+            their version, or weights that do not fit the architecture.
     """
     path = _checkpoint_path(path)
     metadata = read_detector_metadata(path)
+    check_against_weights_file(path, metadata)  # no tensor has been read yet
     config = config_from_dict(metadata["config"])
     arch = metadata["arch"]
     state = load_file(str(path), device="cpu")
@@ -216,23 +229,86 @@ def _checkpoint_path(path: str | Path) -> Path:
 
 
 def read_detector_metadata(path: str | Path) -> dict[str, Any]:
-    """The checked JSON beside a detector checkpoint (config, arch, version), without loading weights."""
+    """The checked JSON beside a detector checkpoint (config, arch, version), without reading the weights.
+
+    The config must pass `config_from_dict`'s type and range checks (ConfigError, a ValueError,
+    naming the field and its range).  This is what a launcher reads to build the job; the weights
+    file's own copy is compared when the weights are loaded (`load_detector`).
+    """
     path = _checkpoint_path(path)
     metadata = _read_json(path.with_suffix(".json"), expected_format=FORMAT)
     if metadata.get("arch") not in ARCHS:
-        raise ValueError(f"{path}: unknown arch {metadata.get('arch')!r} in its JSON")
+        raise ValueError(f"{path}: unknown arch in its JSON; expected one of {ARCHS}")
+    if not isinstance(metadata.get("config"), dict):
+        raise ValueError(f"{path}: its JSON has no config object")
+    config_from_dict(metadata["config"])  # before anything is built
+    return metadata
+
+
+def check_against_weights_file(path: Path, metadata: dict[str, Any]) -> None:
+    """Refuses a JSON whose arch, version or config differ from the weights file's header metadata.
+
+    Only the header is read.  Raises ValueError.
+    """
+    header = read_safetensors_metadata(path)
+    if header.get("format") != FORMAT or "config" not in header:
+        raise ValueError(f"{path}: the weights file does not carry its own format, version and config (another "
+                         "tool or an older save_detector wrote it); the JSON belongs to other weights")
+    for field in ("arch", "version"):
+        if header.get(field) != metadata.get(field):
+            raise ValueError(f"{path}: the {field} in {path.with_suffix('.json').name} differs from the one in "
+                             "the weights file; the JSON was edited or belongs to other weights")
+    if canonical_config(metadata["config"]) != header["config"]:
+        raise ValueError(f"{path}: the config in {path.with_suffix('.json').name} differs from the one in the "
+                         "weights file; the JSON was edited or belongs to other weights")
+    try:
+        config_from_dict(json.loads(header["config"]))
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: the config in the weights file is not valid JSON") from None
+
+
+def canonical_config(config: dict[str, Any]) -> str:
+    """The one JSON spelling of a config dict (sorted keys, no spaces) that a weights file carries."""
+    return json.dumps(_finite_or_none(config), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading only its bounded header."""
+    if not os.path.isfile(path):  # a FIFO or device is never opened
+        raise ValueError(f"{path}: missing or not a regular file")
+    try:
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) != 8:
+                raise ValueError(f"{path}: too short for a safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"{path}: safetensors header of {length} bytes, over {MAX_HEADER_BYTES}")
+            header = json.loads(file.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: unreadable safetensors header ({type(error).__name__})") from None
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: malformed safetensors header")
     return metadata
 
 
 def _read_json(path: Path, *, expected_format: str) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{path}: missing; a checkpoint's JSON (config, arch, version) must sit beside its weights")
-    metadata = json.loads(path.read_text())
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: over {MAX_JSON_BYTES} bytes, too large for a checkpoint's JSON")
+    try:
+        metadata = json.loads(path.read_bytes()[:MAX_JSON_BYTES + 1])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path}: not valid JSON ({type(error).__name__})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: a checkpoint's JSON is an object")
     if metadata.get("format") != expected_format:
-        raise ValueError(f"{path}: format {metadata.get('format')!r}, expected {expected_format!r}")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {metadata['format_version']} is newer than this code's "
-                         f"{FORMAT_VERSION}")
+        raise ValueError(f"{path}: not a {expected_format!r} JSON")
+    format_version = metadata.get("format_version", 0)
+    if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version is newer than this code's {FORMAT_VERSION}")
     return metadata
 
 

@@ -46,6 +46,8 @@ The Faster R-CNN baseline uses stage 0's settings for its single head.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
 BACKBONES = ("resnet18", "resnet50")
@@ -105,31 +107,131 @@ class DetectorConfig:
     cascade_stage_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25)
 
     def __post_init__(self) -> None:
-        assert self.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {self.backbone!r}"
-        assert self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"
-        assert 0 <= self.trainable_backbone_layers <= 5, (
-            f"trainable_backbone_layers must be in 0..5, got {self.trainable_backbone_layers}")
-        assert self.in_channels == 1, (
-            f"the detector uses a grayscale stem (in_channels=1), got {self.in_channels}")
-        assert len(self.image_mean) == self.in_channels == len(self.image_std), (
-            "image_mean and image_std need one value per input channel")
-        assert all(s > 0 for s in self.image_std), f"image_std must be positive, got {self.image_std}"
-        assert self.input_size >= 32, f"input_size must be at least 32 px, got {self.input_size}"
-        assert self.num_classes >= 2, "num_classes counts the background, so it is at least 2"
-        assert self.backbone_stages in (3, 4), f"backbone_stages must be 3 or 4, got {self.backbone_stages}"
-        assert len(self.anchor_sizes) == self.backbone_stages + 1, (
-            f"one anchor size per FPN level ({self.backbone_stages + 1}: one per backbone stage and the "
-            f"max-pooled top) is needed, got {len(self.anchor_sizes)}")
+        _check_types_and_ranges(self)
+        _check(self.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        _check(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        _check(self.in_channels == 1, f"the detector uses a grayscale stem (in_channels=1), got {self.in_channels}")
+        _check(len(self.image_mean) == self.in_channels == len(self.image_std),
+               "image_mean and image_std need one value per input channel")
+        _check(all(s > 0 for s in self.image_std), f"image_std must be positive, got {self.image_std}")
+        _check(self.backbone_stages in (3, 4), f"backbone_stages must be 3 or 4, got {self.backbone_stages}")
+        _check(len(self.anchor_sizes) == self.backbone_stages + 1,
+               f"one anchor size per FPN level ({self.backbone_stages + 1}: one per backbone stage and the "
+               f"max-pooled top) is needed, got {len(self.anchor_sizes)}")
         stages = len(self.cascade_iou_thresholds)
-        assert stages >= 1, "a cascade needs at least one stage"
-        assert len(self.cascade_bbox_reg_weights) == stages == len(self.cascade_stage_loss_weights), (
-            "cascade_iou_thresholds, cascade_bbox_reg_weights and cascade_stage_loss_weights "
-            f"must all have one entry per stage ({stages})")
-        assert all(len(w) == 4 for w in self.cascade_bbox_reg_weights), (
-            "each stage's box-coder weights are (wx, wy, ww, wh)")
-        assert list(self.cascade_iou_thresholds) == sorted(self.cascade_iou_thresholds), (
-            f"cascade IoU thresholds must not decrease, got {self.cascade_iou_thresholds}")
-        assert 0.0 < self.box_positive_fraction <= 1.0, "box_positive_fraction must be in (0, 1]"
+        _check(stages >= 1, "a cascade needs at least one stage")
+        _check(len(self.cascade_bbox_reg_weights) == stages == len(self.cascade_stage_loss_weights),
+               "cascade_iou_thresholds, cascade_bbox_reg_weights and cascade_stage_loss_weights "
+               f"must all have one entry per stage ({stages})")
+        _check(all(len(w) == 4 for w in self.cascade_bbox_reg_weights),
+               "each stage's box-coder weights are (wx, wy, ww, wh)")
+        _check(list(self.cascade_iou_thresholds) == sorted(self.cascade_iou_thresholds),
+               f"cascade IoU thresholds must not decrease, got {self.cascade_iou_thresholds}")
+        _check(self.box_positive_fraction > 0.0, "box_positive_fraction must be in (0, 1]")
+
+
+class ConfigError(AssertionError, ValueError):
+    """A `DetectorConfig` value of the wrong type or outside its range.
+
+    Raised explicitly (an `assert` vanishes under ``python -O``), before anything is built: a
+    checkpoint's JSON is input, and one value (``input_size: 60000``) decides gigabytes.  It is a
+    ValueError for callers that refuse bad input, and an AssertionError as the invariant it was.
+    """
+
+
+# Every numeric field's type and accepted range, checked before a model is built: generous around
+# the named configurations (tiny: 256 px, r50: 768 px), far below what would exhaust a worker.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "backbone_stages": (3, 4),
+    "trainable_backbone_layers": (0, 5),
+    "in_channels": (1, 1),
+    "input_size": (32, 2048),
+    "num_classes": (2, 64),
+    "fpn_out_channels": (8, 512),
+    "rpn_pre_nms_top_n_train": (1, 10_000),
+    "rpn_pre_nms_top_n_test": (1, 10_000),
+    "rpn_post_nms_top_n_train": (1, 5_000),
+    "rpn_post_nms_top_n_test": (1, 5_000),
+    "rpn_batch_size_per_image": (1, 4_096),
+    "roi_output_size": (1, 14),
+    "roi_sampling_ratio": (0, 8),  # 0: torchvision's adaptive sampling
+    "representation_size": (8, 2_048),
+    "box_batch_size_per_image": (1, 4_096),
+    "box_detections_per_img": (1, 1_000),
+}
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "rpn_nms_thresh": (0.0, 1.0),
+    "rpn_positive_fraction": (0.0, 1.0),
+    "box_positive_fraction": (0.0, 1.0),
+    "box_score_thresh": (0.0, 1.0),
+    "box_nms_thresh": (0.0, 1.0),
+}
+# Tuple fields: (longest, element range).
+TUPLE_RANGES: dict[str, tuple[int, tuple[float, float]]] = {
+    "image_mean": (1, (-10.0, 10.0)),
+    "image_std": (1, (1e-3, 10.0)),
+    "anchor_sizes": (5, (4, 2048)),
+    "anchor_aspect_ratios": (8, (0.05, 20.0)),
+    "cascade_iou_thresholds": (8, (0.0, 1.0)),
+    "cascade_stage_loss_weights": (8, (0.0, 100.0)),
+}
+MAX_STAGES = TUPLE_RANGES["cascade_iou_thresholds"][0]
+BOX_WEIGHT_RANGE = (1e-3, 1e4)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_PATH_CHARS = 4096
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_types_and_ranges(config: "DetectorConfig") -> None:
+    """Refuses any field of the wrong type or outside INT_RANGES / FLOAT_RANGES / TUPLE_RANGES."""
+    _check(isinstance(config.name, str) and NAME_PATTERN.fullmatch(config.name) is not None,
+           "name must be 1 to 64 letters, digits, '_', '.' or '-'")
+    for field in ("backbone", "norm"):
+        _check(isinstance(getattr(config, field), str), f"{field} must be a string")
+    _check(config.backbone_weights is None
+           or (isinstance(config.backbone_weights, str) and 0 < len(config.backbone_weights) <= MAX_PATH_CHARS),
+           "backbone_weights must be null or a path")
+    for field, (low, high) in INT_RANGES.items():
+        value = getattr(config, field)
+        _check(_is_int(value) and low <= value <= high,
+               f"{field} must be an integer in {low}..{high}, got {_shown(value)}")
+    for field, (low, high) in FLOAT_RANGES.items():
+        value = getattr(config, field)
+        _check(_is_number(value) and low <= value <= high,
+               f"{field} must be a number in [{low}, {high}], got {_shown(value)}")
+    for field, (longest, (low, high)) in TUPLE_RANGES.items():
+        value = getattr(config, field)
+        _check(isinstance(value, tuple) and 1 <= len(value) <= longest,
+               f"{field} must be a list of 1 to {longest} values, got {_shown(value)}")
+        integers = field == "anchor_sizes"
+        _check(all((_is_int(v) if integers else _is_number(v)) and low <= v <= high for v in value),
+               f"{field} values must be {'integers' if integers else 'numbers'} in [{low}, {high}], "
+               f"got {_shown(value)}")
+    weights = config.cascade_bbox_reg_weights
+    _check(isinstance(weights, tuple) and 1 <= len(weights) <= MAX_STAGES
+           and all(isinstance(w, tuple) for w in weights),
+           f"cascade_bbox_reg_weights must be a list of 1 to {MAX_STAGES} lists of (wx, wy, ww, wh)")
+    low, high = BOX_WEIGHT_RANGE
+    _check(all(_is_number(v) and low <= v <= high for w in weights for v in w),
+           f"cascade_bbox_reg_weights values must be numbers in [{low}, {high}]")
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short (a tampered JSON may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _TINY = DetectorConfig(name="tiny")
@@ -178,15 +280,19 @@ def config_to_dict(config: DetectorConfig) -> dict[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any]) -> DetectorConfig:
-    """Rebuilds a configuration written by `config_to_dict`.
+    """Rebuilds a configuration written by `config_to_dict`, every value type- and range-checked.
 
     Unknown keys are an error (a checkpoint from a newer, incompatible
-    version); missing keys take today's defaults.
+    version); missing keys take today's defaults.  Raises ConfigError (a
+    ValueError) for a value of the wrong type or out of range, before
+    anything is built.
     """
+    if not isinstance(values, dict):
+        raise ConfigError(f"a DetectorConfig is a JSON object, got {type(values).__name__}")
     fields = {f.name for f in dataclasses.fields(DetectorConfig)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"unknown DetectorConfig fields {unknown}")
+        raise ValueError(f"unknown DetectorConfig fields {[_shown(k) for k in unknown[:10]]}")
     return DetectorConfig(**{k: as_tuple(v) for k, v in values.items()})
 
 
