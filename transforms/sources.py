@@ -6,12 +6,12 @@
 * `ReplayLandedFiles` local streaming: the same files replayed in arrival order
   through a `TestStream`, the watermark trailing arrival time by a fixed lag, so
   early, on-time, late and too-late data happen as they would live (DirectRunner).
-* `WatchLandingDirectory` local/live streaming: new files picked up as they land
-  (`fileio.MatchContinuously`); event times should be close to now.
+* `WatchLandingDirectory` local/live streaming: files picked up once complete (a
+  ``.done`` marker beside each), read whole, once.
 * `ReadPubSubStream`  Dataflow: a Pub/Sub subscription, message data = one JSON
-  record, arrival = publish time.
-* `ReadKafkaStream`   Flink: a Kafka topic (cross-language; needs the Java
-  expansion service), value = one JSON record, arrival = record timestamp.
+  record, timestamp = its ``event_time`` attribute, retries dropped by ``record_id``.
+* `ReadKafkaStream`   Flink/Prism: a Kafka topic (Beam's cross-language Kafka IO),
+  value = one JSON record, timestamp = record timestamp = event time.
 
 Decoding (`transforms.decode`) is the same for all of them.
 """
@@ -234,41 +234,100 @@ class ReplayLandedFiles(beam.PTransform):
         }
 
 
-class WatchLandingDirectory(beam.PTransform):
-    """Live streaming: new files of one stream under DIR/<stream>/date=*/ -> RawRecord as they land."""
+# A landed file is complete when its completion marker exists: the uploader writes the data file, closes it,
+# then writes an empty ``<file>.done`` beside it (as gsutil/Storage Transfer "_SUCCESS"-style markers do).
+COMPLETION_SUFFIX = ".done"
 
-    def __init__(self, input_dir: str, stream: str, *, interval_seconds: float = 10.0):
+
+class WatchLandingDirectory(beam.PTransform):
+    """Live streaming: complete files of one stream under DIR/<stream>/date=*/ -> RawRecord as they land.
+
+    Completion rule: a file is read only once ``<file>.done`` exists (`COMPLETION_SUFFIX`); the
+    uploader writes that empty marker after closing the data file. Beam's `fileio.MatchContinuously`
+    on the data files would match a file the moment it appears and never again, so a file still
+    being written would be read once, half read; here it watches the markers instead (each matched
+    once: MatchContinuously keeps the paths it has seen in state) and reads the data file each
+    names, whole. Arrival is the file's partition hour (`arrival_from_path`): deterministic,
+    whatever the wall clock.
+
+    Flows: nothing in -> RawRecord out, timestamped at arrival. `stop_timestamp` (seconds since the
+    epoch, wall clock) ends the watch for tests and demos; the default watches for as long as the job runs.
+    """
+
+    def __init__(self, input_dir: str, stream: str, *, interval_seconds: float = 10.0,
+                 stop_timestamp: float | None = None):
         super().__init__()
         self._input_dir = input_dir
         self._stream = stream
         self._interval = interval_seconds
+        self._stop = stop_timestamp
 
     def expand(self, pipeline):
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP
+
         root = self._input_dir
-        matches = [
-            pipeline | f"Watch_{ext}" >> fileio.MatchContinuously(
-                stream_pattern(root, self._stream, ext), interval=self._interval)
+        markers = [
+            pipeline | f"WatchMarkers_{ext}" >> fileio.MatchContinuously(
+                stream_pattern(root, self._stream, ext) + COMPLETION_SUFFIX, interval=self._interval,
+                stop_timestamp=MAX_TIMESTAMP if self._stop is None else Timestamp.of(self._stop))
             for ext in ("jsonl", "avro")
         ]
         return (
-            matches
+            markers
             | "BothFormats" >> beam.Flatten()
-            | "Open" >> fileio.ReadMatches()
-            | "Records" >> beam.FlatMap(lambda f: records_in_file(f.metadata.path, f.read(), root))
+            | "CompleteFile" >> beam.Map(lambda marker: marker.path[: -len(COMPLETION_SUFFIX)])
+            | "Records" >> beam.FlatMap(lambda path: timestamped_at_arrival(records_in_file(path, _read(path), root)))
         )
 
 
-def pubsub_to_raw(message, subscription: str) -> RawRecord:
-    """A `PubsubMessage` (data = one JSON record) -> RawRecord; arrival = publish time."""
-    published = message.publish_time or dt.datetime.now(dt.timezone.utc)
-    if published.tzinfo is None:
-        published = published.replace(tzinfo=dt.timezone.utc)
-    message_id = message.message_id or (message.attributes or {}).get("id", "")
-    return RawRecord(f"pubsub:{subscription}#{message_id}", message.data, published)
+def _read(path: str) -> bytes:
+    with FileSystems.open(path) as handle:
+        return handle.read()
+
+
+# Pub/Sub attributes every publisher sets (`medtwin publish --pubsub_project` does): the record's event
+# time, from which Pub/Sub sets each element's timestamp and the watermark, and a unique id from which it
+# drops a publisher's retries (`ReadFromPubSub(timestamp_attribute=..., id_label=...)`).
+PUBSUB_EVENT_TIME_ATTRIBUTE = "event_time"
+PUBSUB_ID_ATTRIBUTE = "record_id"
+PUBSUB_ARRIVAL_ATTRIBUTE = "arrival_time"
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
+def _iso_attribute(attributes: dict, name: str) -> dt.datetime | None:
+    try:
+        return _utc(dt.datetime.fromisoformat(attributes[name].replace("Z", "+00:00")))
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def pubsub_to_raw(message, subscription: str, timestamp=None) -> RawRecord:
+    """A `PubsubMessage` (data = one JSON record) -> RawRecord.
+
+    Arrival, deterministic on every redelivery: the publisher's ``arrival_time`` attribute, else the
+    service's publish time, else the element's timestamp (its ``event_time`` attribute, read by
+    `ReadFromPubSub(timestamp_attribute=...)`). The source names the publisher's record id.
+    """
+    attributes = message.attributes or {}
+    arrival = _iso_attribute(attributes, PUBSUB_ARRIVAL_ATTRIBUTE)
+    if arrival is None and message.publish_time is not None:
+        arrival = _utc(message.publish_time)
+    if arrival is None:
+        arrival = timestamp.to_utc_datetime(has_tz=True)
+    message_id = attributes.get(PUBSUB_ID_ATTRIBUTE) or message.message_id or ""
+    return RawRecord(f"pubsub:{subscription}#{message_id}", message.data, arrival)
 
 
 class ReadPubSubStream(beam.PTransform):
-    """Dataflow: a Pub/Sub subscription -> RawRecord. Flag: ``--pubsub_<stream>=projects/P/subscriptions/S``."""
+    """Dataflow: a Pub/Sub subscription -> RawRecord. Flag: ``--pubsub_<stream>=projects/P/subscriptions/S``.
+
+    Element timestamps and the watermark follow the ``event_time`` attribute (event time, not publish
+    time: a wearable uploading minutes of samples at once does not make them late), and messages that
+    repeat a ``record_id`` (a publisher's retry) are dropped by the service-side dedupe of `id_label`.
+    """
 
     def __init__(self, subscription: str):
         super().__init__()
@@ -278,26 +337,64 @@ class ReadPubSubStream(beam.PTransform):
         subscription = self._subscription
         return (
             pipeline
-            | "ReadPubSub" >> beam.io.ReadFromPubSub(subscription=subscription, with_attributes=True)
-            | "ToRawRecord" >> beam.Map(lambda message: pubsub_to_raw(message, subscription))
+            | "ReadPubSub" >> beam.io.ReadFromPubSub(
+                subscription=subscription, with_attributes=True,
+                timestamp_attribute=PUBSUB_EVENT_TIME_ATTRIBUTE, id_label=PUBSUB_ID_ATTRIBUTE)
+            | "ToRawRecord" >> beam.Map(
+                lambda message, ts=beam.DoFn.TimestampParam: pubsub_to_raw(message, subscription, ts))
         )
 
 
+# Kafka header every producer of medtwin's topics sets (`medtwin publish` does): when the record reached
+# the hospital (ISO 8601). The record's own timestamp is its event time (CreateTime).
+KAFKA_ARRIVAL_HEADER = "arrival_time"
+KAFKA_GROUP = "medtwin"
+
+
+def _kafka_arrival(record) -> dt.datetime:
+    for header in getattr(record, "headers", None) or ():
+        key = header.key if hasattr(header, "key") else header[0]
+        value = header.value if hasattr(header, "value") else header[1]
+        if key == KAFKA_ARRIVAL_HEADER and value:
+            arrival = _iso_attribute({"a": bytes(value).decode("ascii", "replace")}, "a")
+            if arrival is not None:
+                return arrival
+    return dt.datetime.fromtimestamp(record.timestamp / 1000, tz=dt.timezone.utc)
+
+
 def kafka_to_raw(record, topic: str) -> RawRecord:
-    """A Kafka record (``with_metadata=True``: has value, partition, offset, timestamp ms) -> RawRecord."""
-    arrival = dt.datetime.fromtimestamp(record.timestamp / 1000, tz=dt.timezone.utc)
+    """A Kafka record (``with_metadata=True``: value, partition, offset, timestamp ms, headers) -> RawRecord.
+
+    Arrival: the ``arrival_time`` header, else the record timestamp (its event time): both set by the
+    producer, so the same on every re-read.
+    """
     # A record without a value is a compaction tombstone, not a message: a dead letter, not a crash.
     payload = record.value if record.value is not None else UnreadableInput("Kafka record without a value (tombstone)")
-    return RawRecord(f"kafka:{topic}/{record.partition}@{record.offset}", payload, arrival)
+    return RawRecord(f"kafka:{topic}/{record.partition}@{record.offset}", payload, _kafka_arrival(record))
 
 
 class ReadKafkaStream(beam.PTransform):
-    """Flink: a Kafka topic -> RawRecord. Flags: ``--kafka_bootstrap host:9092 --kafka_<stream>=topic``."""
+    """Flink/Prism: a Kafka topic -> RawRecord. Flags: ``--kafka_bootstrap host:9092 --kafka_<stream>=topic``.
 
-    def __init__(self, bootstrap_servers: str, topic: str):
+    Beam's Kafka IO (cross-language, `expansion_service`; see launch/kafka/local.py):
+      * timestamps: ``CreateTime``, the record timestamp the producer set to the record's event time;
+        the watermark follows those timestamps (not the wall clock) while the reader has a backlog,
+        so catching up on hours of backlog makes nothing late;
+      * consumer group `group_id` (default ``medtwin``), offsets committed to Kafka only when the
+        runner finalizes the bundle that read them (``commit_offset_in_finalize``); a group with no
+        committed offset starts at the earliest one (``auto.offset.reset=earliest``), so a restarted
+        job resumes where the last finalized bundle ended;
+      * `max_read_seconds` (tests, demos) bounds the read, so the job ends and every window closes.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, *, group_id: str = KAFKA_GROUP,
+                 expansion_service: str | None = None, max_read_seconds: int | None = None):
         super().__init__()
         self._bootstrap = bootstrap_servers
         self._topic = topic
+        self._group = group_id
+        self._expansion_service = expansion_service
+        self._max_read_seconds = max_read_seconds
 
     def expand(self, pipeline):
         from apache_beam.io.kafka import ReadFromKafka
@@ -306,7 +403,10 @@ class ReadKafkaStream(beam.PTransform):
         return (
             pipeline
             | "ReadKafka" >> ReadFromKafka(
-                consumer_config={"bootstrap.servers": self._bootstrap, "group.id": "medtwin"},
-                topics=[topic], with_metadata=True)
+                consumer_config={"bootstrap.servers": self._bootstrap, "group.id": self._group,
+                                 "auto.offset.reset": "earliest", "enable.auto.commit": "false"},
+                topics=[topic], with_metadata=True, commit_offset_in_finalize=True,
+                timestamp_policy=ReadFromKafka.create_time_policy, max_read_time=self._max_read_seconds,
+                expansion_service=self._expansion_service)
             | "ToRawRecord" >> beam.Map(lambda record: kafka_to_raw(record, topic))
         )
