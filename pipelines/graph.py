@@ -106,7 +106,7 @@ class Imaging(beam.PTransform):
     """{"dicom_refs", "patient_twin", "device_twin"} -> {"detections", "alerts", "dead_letters"}.
 
     Every reference in is one detections row or one dead letter out (fetch_dicom,
-    decode_dicom or detect); alerts are the triage alerts.
+    decode_dicom, detect or structured_report); alerts are the triage alerts.
     """
 
     def __init__(self, config: ImagingConfig):
@@ -115,7 +115,9 @@ class Imaging(beam.PTransform):
 
     def expand(self, inputs):
         studies = inputs["dicom_refs"] | "ReadStudies" >> ReadStudies(self._config.read)
-        found = studies["images"] | "DetectOpacities" >> DetectOpacities(self._config.inference)
+        # With reports on, each image's findings also become a DICOM SR (folder and/or PACS), named by its row.
+        found = studies["images"] | "DetectOpacities" >> DetectOpacities(self._config.inference,
+                                                                         reports=self._config.reports)
         detections = ({"detections": found["detections"], "device_twin": inputs["device_twin"]}
                       | "FlagDeviceQuality" >> FlagDeviceQuality(self._config.triage))
         # Triage does not wait for the device join: it needs only the image and the patient's NEWS2.

@@ -1,6 +1,7 @@
 """``medtwin simulate``: write a synthetic hospital (streams, DICOM, truth) to a directory.
 
     medtwin simulate --out /tmp/h --patients 50 --devices 4 --hours 6 --seed 7 --corrupt-fraction 0.01
+    medtwin simulate --out /tmp/h --pacs http://127.0.0.1:8042/dicom-web --pacs_credentials file:pacs.credentials
 
 `add_parser` registers the subcommand; `run` calls `simulator.simulate` and
 prints what was written.
@@ -13,6 +14,8 @@ import datetime as dt
 import sys
 
 from simulator.hospital import DEFAULT_START, simulate
+from simulator.pacs import store_in_pacs
+from transforms.dicomweb import CredentialsError, CredentialsReference, DicomWebAccess, DicomWebError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -46,6 +49,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=512, metavar="ROWS",
                         help="rows of each radiograph; columns are 0.85-1.0 times as many "
                              "(default %(default)s)")
+    parser.add_argument("--pacs", metavar="URL",
+                        help="a DICOMweb root (e.g. http://127.0.0.1:8042/dicom-web, launch/orthanc.sh start): "
+                             "store the images there by STOW-RS and point the DICOM references at their "
+                             "WADO-RS URLs (simulator/pacs.py)")
+    parser.add_argument("--pacs_credentials", metavar="env:NAME|file:PATH",
+                        help="where the PACS's user:password is (never on the command line)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -62,11 +71,12 @@ def _utc_time(text: str) -> dt.datetime:
 def run(args: argparse.Namespace) -> int:
     """Simulate as `args` say; print a summary. Returns 0, or 2 when the arguments are refused."""
     try:
+        access = _pacs_access(args)
         summary = simulate(args.out, patients=args.patients, devices=args.devices, hours=args.hours,
                            seed=args.seed, start=args.start, sample_seconds=args.sample_seconds,
                            corrupt_fraction=args.corrupt_fraction, infected_fraction=args.infected_fraction,
                            image_size=args.image_size, progress=not args.quiet)
-    except ValueError as error:
+    except (ValueError, CredentialsError) as error:
         print(f"medtwin simulate: {error}", file=sys.stderr)
         return 2
     print(f"wrote {summary.out_dir} in {summary.seconds:.1f} s")
@@ -78,4 +88,23 @@ def run(args: argparse.Namespace) -> int:
           f"for maintenance): {summary.device_events} log events")
     print(f"  studies   {summary.studies} chest X-rays")
     print(f"  damaged   {summary.corrupted_records} records (truth/corruption.json)")
+    if access is not None:
+        try:
+            stored = store_in_pacs(args.out, access)
+        except DicomWebError as error:
+            print(f"medtwin simulate: {error}", file=sys.stderr)
+            return 1
+        print(f"  pacs      {stored.stored} images stored, {stored.refused} refused by the PACS, "
+              f"{stored.untouched} references left as they were")
     return 0
+
+
+def _pacs_access(args: argparse.Namespace) -> DicomWebAccess | None:
+    if not args.pacs:
+        if args.pacs_credentials:
+            raise ValueError("--pacs_credentials without --pacs")
+        return None
+    credentials = CredentialsReference.parse(args.pacs_credentials) if args.pacs_credentials else None
+    access = DicomWebAccess(base_urls=(args.pacs.rstrip("/"),), credentials=credentials)
+    access.connect()  # the credentials must be readable before hours are simulated
+    return access

@@ -2,9 +2,12 @@
 
 `DetectOpacities` is the imaging path's model step::
 
-    images (DecodedStudy) -> RunInference(CascadeModelHandler) -> ToDetectionRows -> detections
-                                   |  failed batches                  |  refused images
-                                   +----------------------------------+-> CollectDeadLetters -> dead_letters
+    images (DecodedStudy) -> RunInference(CascadeModelHandler) -> ToDetectionRows -> [StructuredReports] -> detections
+                                   |  failed batches                  |  refused images     |  SR failures
+                                   +----------------------------------+---------------------+-> dead_letters
+
+With a `ReportConfig`, each row's findings also become a DICOM SR (`transforms.structured_report`),
+stored to the PACS and/or written beside the tables, and the row names it (``sr_sop_instance_uid``).
 
 Every image in is one detection row or one dead letter out (stage ``detect``).  An image
 the model cannot take (not 2-D, empty, non-finite, or not sized for the model) is refused
@@ -97,6 +100,7 @@ from model.preprocess import boxes_to_original
 from transforms.dead_letters import DEAD_LETTERS
 from transforms.dicom_decode import DecodedStudy
 from transforms.dicom_fetch import reference_dead_letter
+from transforms.structured_report import ReportConfig, WriteStructuredReports
 
 STAGE = "detect"
 METRICS_NAMESPACE = "detect"
@@ -439,15 +443,17 @@ def detection_row(study: DecodedStudy, found: ImageDetections, *, model_name: st
         "image_columns": columns,
         "inference_latency_ms": float(found.latency_ms),
         "batch_size": int(found.batch_size),
+        "sr_sop_instance_uid": None,  # set by WriteStructuredReports when reports are on
     }
 
 
 class ToDetectionRowsFn(beam.DoFn):
     """PredictionResult -> detection row (main) or dead letter, timestamped at acquisition time."""
 
-    def __init__(self, info: ModelInfo, score_threshold: float):
+    def __init__(self, info: ModelInfo, score_threshold: float, *, with_reference: bool = False):
         self._info = info
         self._threshold = score_threshold
+        self._with_reference = with_reference  # emit (reference, row) for the SR step
         self._rows = Metrics.counter(METRICS_NAMESPACE, "detections_emitted")
         self._boxes = Metrics.counter(METRICS_NAMESPACE, "boxes_emitted")
 
@@ -469,7 +475,7 @@ class ToDetectionRowsFn(beam.DoFn):
             return
         self._rows.inc()
         self._boxes.inc(len(row["boxes"]))
-        yield TimestampedValue(row, at)
+        yield TimestampedValue((study.reference, row) if self._with_reference else row, at)
 
 
 class FailedBatchToDeadLettersFn(beam.DoFn):
@@ -491,20 +497,29 @@ class DetectOpacities(beam.PTransform):
 
     Detection rows have every DETECTIONS field but quality_flag / quality_reasons (added by
     the join with the device twin) and keep the acquisition time as their timestamp.
-    images in = detections + dead letters.
+    images in = detections + dead letters.  reports: None, or where each image's SR goes.
     """
 
-    def __init__(self, config: InferenceConfig, *, handler: ModelHandler | None = None):
+    def __init__(self, config: InferenceConfig, *, handler: ModelHandler | None = None,
+                 reports: ReportConfig | None = None):
         super().__init__()
         self._config = config
         self._handler = handler or CascadeModelHandler(config)
         self._info = read_model_info(config.weights_path)
+        self._reports = reports
 
     def expand(self, images):
         inferred, failed = images | "RunInference" >> RunInference(self._handler).with_exception_handling()
         rows = inferred | "ToDetectionRows" >> beam.ParDo(
-            ToDetectionRowsFn(self._info, self._config.score_threshold)).with_outputs(DEAD_LETTERS, main="rows")
+            ToDetectionRowsFn(self._info, self._config.score_threshold, with_reference=self._reports is not None)
+        ).with_outputs(DEAD_LETTERS, main="rows")
         failed_rows = failed.failed_inferences | "FailedBatchesToDeadLetters" >> beam.ParDo(
             FailedBatchToDeadLettersFn())
-        dead_letters = (rows[DEAD_LETTERS], failed_rows) | "CollectDeadLetters" >> beam.Flatten()
-        return {"detections": rows.rows, "dead_letters": dead_letters}
+        dead = [rows[DEAD_LETTERS], failed_rows]
+        detections = rows.rows
+        if self._reports is not None:
+            reported = rows.rows | "StructuredReports" >> WriteStructuredReports(self._reports)
+            detections = reported["detections"]
+            dead.append(reported[DEAD_LETTERS])
+        dead_letters = dead | "CollectDeadLetters" >> beam.Flatten()
+        return {"detections": detections, "dead_letters": dead_letters}

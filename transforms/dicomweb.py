@@ -41,6 +41,8 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
+import pydicom
+
 from transforms.dicom_fetch import (
     CONTROL_CHARACTERS,
     MISSING,
@@ -72,6 +74,10 @@ class CredentialsError(Exception):
 
 class DicomWebError(Exception):
     """A STOW-RS store that failed; the message names no UID and no URL."""
+
+
+class PacsUnavailable(DicomWebError):
+    """The PACS could not be reached, or kept failing transiently, through every retry."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +206,33 @@ class DicomWebClient:
 
     def retrieve(self, uri: str, max_bytes: int) -> bytes:
         """The Part 10 bytes of the instance `uri` names (WADO-RS); FetchRejected; reads at most the cap."""
+        content_type, body = self._get(uri, "", 'multipart/related; type="application/dicom"; transfer-syntax=*',
+                                       max_bytes + _MULTIPART_ALLOWANCE)
+        data = _single_dicom_part(content_type, body)
+        if len(data) > max_bytes:
+            raise FetchRejected(TOO_LARGE, f"the instance is {len(data)} bytes, over the cap of {max_bytes}")
+        return data
+
+    def retrieve_metadata(self, uri: str, max_bytes: int) -> pydicom.Dataset:
+        """The header of the instance `uri` names, from WADO-RS ``<uri>/metadata`` (DICOM JSON, PS3.18 F),
+        bulk data (the pixels) left out; FetchRejected."""
+        _, body = self._get(uri, "/metadata", "application/dicom+json", max_bytes)
+        try:
+            document = json.loads(body)
+            attributes = {tag: value for tag, value in document[0].items()
+                          if not (isinstance(value, dict) and ("BulkDataURI" in value or "InlineBinary" in value))}
+            return pydicom.Dataset.from_json(attributes)
+        except Exception as error:  # not JSON, not a list of one dataset, an attribute pydicom refuses
+            raise FetchRejected(NOT_DICOM_PART, f"the metadata answer is not a DICOM JSON dataset: "
+                                                f"{type(error).__name__}") from None
+
+    def _get(self, uri: str, suffix: str, accept: str, limit: int) -> tuple[str, bytes]:
+        """GET `uri` + `suffix` after rules 1-2, body capped at `limit` (rules 3-5) -> (content type, body)."""
         base, path = self.check_url(uri)
-        limit = max_bytes + _MULTIPART_ALLOWANCE
-        headers = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*',
-                   "Accept-Encoding": "identity"}
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
 
         def attempt(connection):
-            connection.request("GET", path, headers=self._headers(headers))
+            connection.request("GET", path + suffix, headers=self._headers(headers))
             response = connection.getresponse()
             status = response.status
             if status in _TRANSIENT_STATUS:
@@ -215,17 +241,13 @@ class DicomWebClient:
             length = response.getheader("Content-Length")
             if length is not None and (not length.strip().isdigit() or int(length) > limit):
                 raise FetchRejected(TOO_LARGE, f"the PACS announces {length.strip()[:20]} bytes, over the cap of "
-                                               f"{max_bytes} (+ multipart framing)")
+                                               f"{limit}")
             body = _read_capped(response, limit)
             if body is None:
-                raise FetchRejected(TOO_LARGE, f"the answer ran past the cap of {max_bytes} bytes while being read")
+                raise FetchRejected(TOO_LARGE, f"the answer ran past the cap of {limit} bytes while being read")
             return response.getheader("Content-Type", ""), body
 
-        content_type, body = self._with_retries(base, attempt)
-        data = _single_dicom_part(content_type, body)
-        if len(data) > max_bytes:
-            raise FetchRejected(TOO_LARGE, f"the instance is {len(data)} bytes, over the cap of {max_bytes}")
-        return data
+        return self._with_retries(base, attempt)
 
     def store(self, instances: list[bytes], base_url: str | None = None) -> None:
         """STOW-RS the Part 10 `instances` to ``<base_url>/studies`` (default: the first base URL).
@@ -255,7 +277,7 @@ class DicomWebClient:
         try:
             answer = self._with_retries(base, attempt)
         except FetchRejected as error:
-            raise DicomWebError(f"STOW-RS failed: {error.kind}") from None
+            raise PacsUnavailable(f"STOW-RS failed: {error}") from None
         failed = _failed_sop_count(answer)
         if failed:
             raise DicomWebError(f"STOW-RS: the PACS refused {failed} of {len(instances)} instance(s)")
