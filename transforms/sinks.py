@@ -9,8 +9,9 @@ protocol: job-unique temporary files moved into place only once written; a batch
 the (table, day) partitions it owns whole; a streaming job appends files named by its job id,
 adding only rows the partition does not hold yet.
 
-BigQuery: `WriteToBigQuery` with the derived schema, day partitioning and
-clustering (`schemas.bigquery_table_options`), created if needed, appended.
+BigQuery: `transforms.bigquery` (tables from `schemas/`, day-partitioned and clustered;
+batch replaces each event day, streaming appends each flush once; rows BigQuery refuses
+become dead letters with its reason).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import uuid
 
 import apache_beam as beam
 
-from schemas import OUTPUT_TABLES, RecordDef, bigquery_schema, bigquery_table_options
-from schemas.contract import TIMESTAMP
+from schemas import OUTPUT_TABLES, RecordDef
+from transforms.bigquery import WriteBigQueryTables
 from transforms.parquet_sink import WriteParquetTables, partition_date  # noqa: F401 (partition_date: re-exported)
 
 
@@ -65,44 +66,6 @@ class SinkConfig:
             raise ValueError(f"a BigQuery output is 'project:dataset', got {self.output!r}")
 
 
-def to_bigquery_row(table: RecordDef, row: dict) -> dict:
-    """A row with timestamps as BigQuery-accepted strings (the JSON load/insert format)."""
-    out = dict(row)
-    for field in table.fields:
-        if field.type == TIMESTAMP and out.get(field.name) is not None:
-            out[field.name] = out[field.name].astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
-    return {name: out.get(name) for name in table.names}
-
-
-class WriteBigQueryTable(beam.PTransform):
-    """rows of one table -> BigQuery ``project:dataset.table`` (day-partitioned, clustered)."""
-
-    def __init__(self, table: RecordDef, config: SinkConfig):
-        super().__init__()
-        self._table = table
-        self._config = config
-
-    def expand(self, rows):
-        from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
-        from google.cloud.bigquery import SchemaField
-
-        table = self._table
-        schema = {"fields": [SchemaField.to_api_repr(f) for f in bigquery_schema(table)]}
-        return (
-            rows
-            | "TimestampsAsText" >> beam.Map(lambda row: to_bigquery_row(table, row))
-            | "WriteToBigQuery" >> WriteToBigQuery(
-                table=f"{self._config.output}.{table.name}",
-                schema=schema,
-                additional_bq_parameters=bigquery_table_options(table),
-                create_disposition=BigQueryDisposition.CREATE_IF_NEEDED,
-                write_disposition=BigQueryDisposition.WRITE_APPEND,
-                method=(WriteToBigQuery.Method.STORAGE_WRITE_API if self._config.streaming
-                        else WriteToBigQuery.Method.FILE_LOADS),
-            )
-        )
-
-
 class WriteTables(beam.PTransform):
     """``{table_name: PCollection[row]}`` -> every table written to the configured sink."""
 
@@ -113,5 +76,4 @@ class WriteTables(beam.PTransform):
     def expand(self, tables: dict):
         if self._config.kind == "parquet":
             return tables | "Parquet" >> WriteParquetTables(self._config)
-        return {name: rows | f"Write_{name}" >> WriteBigQueryTable(OUTPUT_TABLES[name], self._config)
-                for name, rows in tables.items()}
+        return tables | "BigQuery" >> WriteBigQueryTables(self._config)
