@@ -8,6 +8,7 @@
     medtwin evaluate  ...                      score a detector checkpoint
     medtwin backfill  ...                      re-run history with the same transforms
     medtwin launch    ...                      submit the pipeline to Dataflow or Flink
+    medtwin publish   --input DIR --kafka_bootstrap HOST:PORT   replay landed streams into Kafka (or Pub/Sub)
 
 Each subcommand lives beside the code it drives and registers itself through
 an ``add_parser(subparsers)`` function that sets ``func`` on its parser; heavy
@@ -31,6 +32,7 @@ SUBCOMMAND_MODULES = (
     "model.evaluate_cli",
     "launch.backfill",
     "launch.submit",
+    "pipelines.publish",
 )
 
 

@@ -69,7 +69,9 @@ class ReadStreams(beam.PTransform):
             elif source.kind == "pubsub" and stream in source.subscriptions:
                 reader = ReadPubSubStream(source.subscriptions[stream])
             elif source.kind == "kafka" and stream in source.topics:
-                reader = ReadKafkaStream(source.kafka_bootstrap, source.topics[stream])
+                reader = ReadKafkaStream(source.kafka_bootstrap, source.topics[stream], group_id=source.kafka_group,
+                                         expansion_service=source.kafka_expansion_service,
+                                         max_read_seconds=source.kafka_max_read_seconds)
             else:
                 streams[stream] = pipeline | f"No_{stream}" >> beam.Create([])
                 continue
