@@ -28,24 +28,38 @@ import apache_beam as beam
 import fastavro
 from apache_beam.coders import BytesCoder, FastPrimitivesCoder
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.decode import MAX_AHEAD_OF_ARRIVAL, RawRecord, UnreadableInput, to_micros
+from transforms.landed_files import (
+    avro_claimed_records,
+    compressed_kind,
+    count_records,
+    is_completion_marker,
+    layout_arrival,
+    partition_day,
+    stream_of,
+    why_outside_layout,
+)
 
 STREAMS = ("wearables", "observations", "device_logs", "dicom_refs")
-_PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/[^/]*?-(\d{2})\.(jsonl|avro)$")
 
 
 def arrival_from_path(path: str) -> dt.datetime:
-    """``.../date=2026-03-02/wearables-06.jsonl`` -> 2026-03-02T06:00Z (start of the file's hour)."""
-    match = _PARTITION.search(path.replace(os.sep, "/"))
-    if not match:
-        raise ValueError(f"{path} is not in the landing layout <stream>/date=YYYY-MM-DD/<stream>-HH.(jsonl|avro)")
-    day, hour = match.group(1), int(match.group(2))
-    return dt.datetime.fromisoformat(day).replace(hour=hour, tzinfo=dt.timezone.utc)
+    """``.../date=2026-03-02/wearables-06.jsonl`` -> 2026-03-02T06:00Z (start of the file's hour).
+
+    Raises ValueError for a path outside the layout (`transforms.landed_files.layout_arrival`
+    says None instead).
+    """
+    arrival = layout_arrival(path)
+    if arrival is None:
+        raise ValueError("the path is not in the landing layout "
+                         "<stream>/date=YYYY-MM-DD/<stream>-HH.(jsonl|avro) (HH 00..23)")
+    return arrival
 
 
 def stream_pattern(input_dir: str, stream: str, extension: str, date: str = "*") -> str:
@@ -53,24 +67,50 @@ def stream_pattern(input_dir: str, stream: str, extension: str, date: str = "*")
     return FileSystems.join(input_dir, stream, f"date={date}", f"*.{extension}")
 
 
-def records_in_file(path: str, data: bytes, relative_to: str = "") -> Iterator[RawRecord]:
-    """One landed file -> its RawRecords (JSONL: one per non-empty line; Avro: one per record).
+def records_in_file(path: str, data: bytes, relative_to: str = "",
+                    fallback_arrival: dt.datetime | None = None) -> Iterator[RawRecord]:
+    """One file found under a stream's folder -> its RawRecords (JSONL: one per non-empty line;
+    Avro: one per record).  Never raises.
 
-    An Avro file that cannot be read (from the damaged record on) yields one RawRecord whose
-    payload is an `UnreadableInput`, so the decoder dead-letters it rather than the rest vanishing.
+    What cannot be read as records is one RawRecord whose payload is an `UnreadableInput`
+    counting what it held (`transforms.landed_files.count_records`), so the decoder
+    dead-letters it and ``records in = out + dead letters`` holds:
+    * a file outside the landing layout (no hour, no such date or hour, a subfolder, another
+      extension, compressed): all of its records, at its ``date=`` day if that is real, else at
+      `fallback_arrival` (the listing's time); its name is withheld from the source and reason;
+    * an Avro file damaged part way: the records before the damage are yielded, the dead letter
+      counts the rest of what its blocks claimed.
     """
-    arrival = arrival_from_path(path)
+    arrival = layout_arrival(path)
     name = os.path.relpath(path, relative_to) if relative_to else path
+    if arrival is None or compressed_kind(data[:8]) is not None:
+        counted = count_records(data)
+        reason = (f"{why_outside_layout(name) if arrival is None else 'a compressed file'} ("
+                  f"{compressed_kind(data[:8]) + ' data, ' if compressed_kind(data[:8]) else ''}"
+                  f"{'' if counted.exact else 'at least '}{counted.records} record(s); name withheld): not read")
+        when = arrival or partition_day(name) or fallback_arrival or _EPOCH
+        source = f"{stream_of(name)}/(file outside the landing layout, {len(data)} bytes)"
+        yield RawRecord(source, UnreadableInput(reason, counted.records, stage="read_files"), when)
+        return
     if path.endswith(".jsonl"):
         for number, line in enumerate(data.splitlines(), start=1):
             if line.strip():
                 yield RawRecord(f"{name}:{number}", line, arrival)
         return
+    read = 0
     try:
-        for number, record in enumerate(fastavro.reader(io.BytesIO(data)), start=1):
-            yield RawRecord(f"{name}#{number}", record, arrival)
+        for read, record in enumerate(fastavro.reader(io.BytesIO(data)), start=1):
+            yield RawRecord(f"{name}#{read}", record, arrival)
     except Exception as error:  # fastavro raises many exception types on damaged files
-        yield RawRecord(name, UnreadableInput(f"unreadable Avro file: {type(error).__name__}: {error}"), arrival)
+        claimed = avro_claimed_records(data)
+        lost = max((claimed or 0) - read, 1)
+        yield RawRecord(name, UnreadableInput(
+            f"unreadable Avro file from record {read + 1}: {type(error).__name__}; "
+            f"{'its blocks claimed ' + str(claimed) + ' record(s)' if claimed is not None else 'no readable header'}",
+            lost), arrival)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def timestamped_at_arrival(records: Iterable[RawRecord]) -> Iterator[TimestampedValue]:
@@ -83,38 +123,67 @@ def timestamped_at_arrival(records: Iterable[RawRecord]) -> Iterator[Timestamped
 
 
 class ReadLandedFiles(beam.PTransform):
-    """Batch: DIR/<stream>/date=*/*.{jsonl,avro} -> RawRecord, timestamped at arrival.
+    """Batch: every file under DIR/<stream>/ -> RawRecord, timestamped at arrival.
 
-    `dates` (``YYYY-MM-DD`` strings) limits the read to those arrival days, for backfills.
+    Landed files (``date=*/<name>-HH.(jsonl|avro)``) are read as records; any other file there
+    (a subfolder, another extension, a compressed file, a name without an hour or with a date
+    that does not exist) is one counted dead letter (`records_in_file`), never silence or a
+    crash.  Completion markers (``.done``) are expected and skipped.  Files are read as stored
+    (no decompression by name).  `dates` (``YYYY-MM-DD`` strings) limits the read to those
+    arrival days' folders, for backfills.
     """
 
     def __init__(self, input_dir: str, stream: str, dates: tuple[str, ...] | None = None):
         super().__init__()
         self._input_dir = input_dir
         self._stream = stream
-        self._dates = dates or ("*",)
+        self._dates = dates
 
     def expand(self, pipeline):
         root = self._input_dir
-        patterns = [stream_pattern(root, self._stream, ext, date) for date in self._dates for ext in ("jsonl", "avro")]
+        patterns = stream_listing_patterns(root, self._stream, self._dates)
         return (
             pipeline
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-            | "Open" >> fileio.ReadMatches()
+            | "NotMarkers" >> beam.Filter(lambda m: not is_completion_marker(m.path, COMPLETION_SUFFIX))
+            | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
             | "RecordsAtArrival" >> beam.FlatMap(
-                lambda f: timestamped_at_arrival(records_in_file(f.metadata.path, f.read(), root)))
+                lambda f: timestamped_at_arrival(records_in_file(
+                    f.metadata.path, f.read(), root, _listed_time(f.metadata))))
         )
 
 
+def stream_listing_patterns(input_dir: str, stream: str, dates: tuple[str, ...] | None = None) -> list[str]:
+    """Globs listing every file under a stream's folder (Beam's ``**`` crosses folders), or under
+    the named days' ``date=`` folders."""
+    if not dates:
+        return [FileSystems.join(input_dir, stream, "**")]
+    return [FileSystems.join(input_dir, stream, f"date={date}", "**") for date in dates]
+
+
+def _listed_time(metadata) -> dt.datetime | None:
+    seconds = getattr(metadata, "last_updated_in_seconds", None)
+    if not isinstance(seconds, (int, float)) or not 0 < seconds < 7.2e9:
+        return None
+    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc)
+
+
 def landed_records(input_dir: str, stream: str) -> list[RawRecord]:
-    """All RawRecords of a stream, read eagerly, in arrival order (for replay)."""
+    """All RawRecords of a stream, read eagerly, in arrival order (for replay).
+
+    As `ReadLandedFiles`, every file under the stream's folder leaves records or a counted dead
+    letter; one outside the layout is replayed at the earliest landed file's arrival (a file
+    time could be anything, and would stretch the replay).
+    """
+    listed = FileSystems.match(stream_listing_patterns(input_dir, stream))[0].metadata_list
+    paths = sorted(m.path for m in listed if not is_completion_marker(m.path, COMPLETION_SUFFIX))
+    arrivals = [arrival for arrival in map(layout_arrival, paths) if arrival is not None]
+    earliest = min(arrivals) if arrivals else None
     records = []
-    for extension in ("jsonl", "avro"):
-        match = FileSystems.match([stream_pattern(input_dir, stream, extension)])[0]
-        for metadata in sorted(match.metadata_list, key=lambda m: m.path):
-            with FileSystems.open(metadata.path) as handle:
-                records.extend(records_in_file(metadata.path, handle.read(), input_dir))
+    for path in paths:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            records.extend(records_in_file(path, handle.read(), input_dir, earliest))
     return sorted(records, key=lambda r: r.arrival_time)
 
 
