@@ -16,6 +16,16 @@ installed binaries are filled in unless ``--prism_location`` or
 ``--flink_job_server_jar`` is given, and ``--job_endpoint host:port`` points any
 of them at a job service that is already running (the tests start one per session).
 
+Fault tolerance on Flink (Beam's Java FlinkPipelineOptions, declared in `FlinkFaultToleranceOptions` so
+the Python SDK sends them; FlinkRunner drops options it does not know):
+
+    medtwin run --runner flink --streaming ... --checkpointing_interval 30000 \
+        --state_backend rocksdb --state_backend_storage_path file:///var/lib/medtwin/checkpoints
+
+checkpoints every 30 s the twins' state and the Kafka read positions together (exactly-once state);
+a failed task restarts from the last checkpoint (`--number_of_execution_retries`). Without
+`--checkpointing_interval` Flink takes no checkpoint and a restart starts from the committed offsets.
+
 Python workers run in the LOOPBACK environment here (no Docker engine): the SDK
 harness is this process. In production, Flink task managers start workers with
 ``--environment_type DOCKER --environment_config IMAGE`` (the worker images of
@@ -29,10 +39,29 @@ import json
 import os
 from pathlib import Path
 
+from apache_beam.options.pipeline_options import PipelineOptions
+
 RUNNERS = ("direct", "prism", "flink")
 BEAM_NAMES = {"DirectRunner": "direct", "PrismRunner": "prism", "FlinkRunner": "flink"}
 RUNNERS_DIR = Path(os.environ.get("MEDTWIN_RUNNERS", Path(__file__).resolve().parent.parent / ".runners"))
 MANIFEST = RUNNERS_DIR / "runners.json"
+
+
+class FlinkFaultToleranceOptions(PipelineOptions):
+    """Flink checkpointing and state backend (Beam's FlinkPipelineOptions, by their snake_case names)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--checkpointing_interval", type=int, default=None,
+                            help="Flink: milliseconds between checkpoints of state and source positions [none]")
+        parser.add_argument("--checkpointing_mode", choices=("EXACTLY_ONCE", "AT_LEAST_ONCE"), default=None,
+                            help="Flink: checkpoint barriers aligned (exactly once) or not [EXACTLY_ONCE]")
+        parser.add_argument("--state_backend", choices=("rocksdb", "filesystem"), default=None,
+                            help="Flink: where operator state lives between checkpoints [heap]")
+        parser.add_argument("--state_backend_storage_path", default=None,
+                            help="Flink: checkpoint storage URI for --state_backend (file://, gs://, hdfs://)")
+        parser.add_argument("--number_of_execution_retries", type=int, default=None,
+                            help="Flink: restarts of a failed job from its last checkpoint [Flink's default]")
 
 
 class RunnerNotInstalled(RuntimeError):
