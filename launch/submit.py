@@ -1,19 +1,31 @@
 """`medtwin launch`: submit the twin pipeline to Dataflow or Flink (or run it portably here).
 
-    # Dataflow, streaming from Pub/Sub into BigQuery, imaging step on T4 GPUs
+    # Dataflow, batch over a landing bucket, the inference step alone on T4 GPUs (right fitting),
+    # private workers under their own service account, state encrypted with the hospital's key
     medtwin launch --engine dataflow --project P --region europe-west4 --temp_location gs://B/tmp \\
-        --streaming --source pubsub --pubsub_wearables projects/P/subscriptions/wearables ... \\
-        --bigquery_dataset P:medtwin --gpu nvidia-tesla-t4 \\
-        --sdk_container_image REGION-docker.pkg.dev/P/medtwin/medtwin-gpu:TAG   # launch/containers/
+        --input gs://landing --output gs://lake --gpu nvidia-tesla-t4 --gpu_machine_type n1-standard-8 \\
+        --sdk_container_image europe-west4-docker.pkg.dev/P/medtwin/medtwin-gpu:TAG \\
+        --service_account_email medtwin-worker@P.iam.gserviceaccount.com \\
+        --dataflow_kms_key projects/P/locations/europe-west4/keyRings/medtwin/cryptoKeys/dataflow \\
+        --subnetwork regions/europe-west4/subnetworks/medtwin --machine_type n2-standard-4 --max_workers 20
 
-    # Flink, streaming from Kafka
+    # Flink, streaming from Kafka, RocksDB state checkpointed every 30 s
     medtwin launch --engine flink --flink_master flink-jm:8081 --environment_type DOCKER \\
+        --sdk_container_image .../medtwin-worker:TAG --parallelism 8 --max_parallelism 128 \\
+        --checkpointing_interval 30000 --state_backend rocksdb --state_backend_storage_path s3://B/ckpt \\
         --streaming --source kafka --kafka_bootstrap kafka:9092 --kafka_wearables wearables ...
+
+    # the demo hospital on a Flink session cluster on this machine (launch/flink_cluster.sh)
+    launch/flink_cluster.sh start
+    medtwin launch --engine flink --flink_master localhost:8081 --input demo/hospital \\
+        --output demo/out-cluster --demo
+    launch/flink_cluster.sh stop
 
     # locally through Beam's portable job service (the path Flink takes, without a cluster)
     medtwin launch --engine portable --input demo/hospital --output demo/out-portable --demo
 
-`--dry_run` prints the Beam flags that would be used and submits nothing.
+`--dry_run` prints the Beam flags that would be used (and the inference step's resource hint)
+and submits nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from launch.engines import beam_args, engine_config
+    from launch.runners import RunnerNotInstalled
     from pipelines.run import execute, job_config_or_exit
 
     config = job_config_or_exit(args, "launch")
@@ -44,12 +57,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         engine = engine_config(args)
-    except ValueError as error:
+        flags = beam_args(engine, streaming=config.streaming, passed=args.beam_args) + list(args.beam_args)
+    except (ValueError, RunnerNotInstalled) as error:
         print(f"medtwin launch: {error}", file=sys.stderr)
         return 2
-    flags = beam_args(engine, streaming=config.streaming) + list(args.beam_args)
     if args.dry_run:
         print("medtwin launch (dry run): " + " ".join(flags))
+        hint = config.imaging.inference.accelerator_hint if config.imaging else None
+        print(f"medtwin launch (dry run): inference step resource hint: accelerator={hint or 'none (CPU)'}")
         return 0
     execute(config, flags)
     return 0

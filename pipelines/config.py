@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from launch.engines import accelerator_hint
 from launch.runners import has_test_clock
 from transforms.detect import DEVICES, InferenceConfig, model_input_size
 from transforms.device_twin import DeviceTwinConfig
@@ -169,8 +170,8 @@ def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: Devi
         max_batch_duration_secs=(args.inference_max_wait if streaming and not (
             source_kind == "replay" and source.replay_test_clock) else None),
         score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
-        # `medtwin launch --gpu TYPE`: the inference step asks for that accelerator.
-        accelerator=f"type:{args.gpu};count:1;install-nvidia-driver" if getattr(args, "gpu", None) else None)
+        # `medtwin launch --gpu TYPE`: the inference step alone asks for that accelerator.
+        accelerator=accelerator_hint(getattr(args, "gpu", None), getattr(args, "gpu_machine_type", None)))
     pacs = (DicomWebAccess(base_urls=tuple(url.rstrip("/") for url in args.pacs_url),
                            credentials=CredentialsReference.parse(args.pacs_credentials) if args.pacs_credentials
                            else None) if args.pacs_url else None)

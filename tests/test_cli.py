@@ -89,8 +89,9 @@ def test_dataflow_launch_dry_run_prints_the_engine_flags(capsys):
                  "--dry_run"]) == 0
     flags = capsys.readouterr().out
     for expected in ("--runner=DataflowRunner", "--setup_file=", "--project=p",
-                     "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"):
+                     "resource hint: accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"):
         assert expected in flags
+    assert "worker_accelerator" not in flags  # the GPU is the inference step's hint only (tests/test_launch.py)
 
 
 def test_backfill_runs_one_job_per_arrival_day(capsys):
