@@ -80,6 +80,9 @@ class Field:
       identifying: the value identifies a patient (PHI). It is pseudonymised on entry, and a
         validation error names the field and what is wrong with it but never repeats the value
         (errors become dead-letter reasons, which analysts read).
+      free_text: the value is needed as it is (a uri), but an integration may put identifying
+        text in it (``/pacs/DOE_JANE_MRN0099001/1.dcm``): never quoted in a reason, and a dead
+        letter keeps only its keyed digest (as an identifying field's pseudonym).
     """
 
     name: str
@@ -94,6 +97,7 @@ class Field:
     choices: tuple[str, ...] = ()
     min_length: int = 0
     identifying: bool = False
+    free_text: bool = False
 
     def __post_init__(self):
         assert self.type in _SCALAR_TYPES + (RECORD,), f"unknown type {self.type!r}"
@@ -251,6 +255,8 @@ def _shown(f: Field | None, value: Any) -> str:
     """
     if f is not None and f.identifying:
         return "(value withheld: identifies a patient)"
+    if f is not None and f.free_text:
+        return "(value withheld: free text)"
     if f is not None and f.choices:
         return "(value withheld: not an allowed value)"
     if value is None or isinstance(value, (bool, int, float)):

@@ -68,7 +68,8 @@ DICOM_REFERENCE = RecordDef(
     name="DicomReference",
     doc="A pointer to a newly stored image, with the metadata the PACS router knows.",
     fields=(
-        Field("uri", STRING, min_length=1, doc="Where the DICOM Part 10 file is (local path, gs://...)."),
+        Field("uri", STRING, min_length=1, free_text=True,
+              doc="Where the DICOM Part 10 file is (local path, gs://...)."),
         Field("study_instance_uid", STRING, min_length=1, doc="(0020,000D)"),
         Field("series_instance_uid", STRING, min_length=1, doc="(0020,000E)"),
         Field("sop_instance_uid", STRING, min_length=1, doc="(0008,0018)"),

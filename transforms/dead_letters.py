@@ -5,7 +5,8 @@ Every DoFn that can reject a record yields `dead_letter(...)` on the output tag
 
 A dead letter's payload is built by **allow-list**, never by scrubbing the raw text
 (`allowed_payload`): it keeps only the fields the record's schema declares, each as
-a short scalar; a field marked ``identifying`` is replaced by its keyed pseudonym; an
+a short scalar; a field marked ``identifying`` or ``free_text`` (a uri) is replaced by its keyed
+pseudonym; an
 enumerated field keeps its value only when the value is one of the allowed ones;
 anything else (a list or object where a scalar belongs, an unknown field, a
 field of an unknown nested record) is dropped or withheld and counted
@@ -87,7 +88,7 @@ def allowed_payload(fields: Sequence[Field], record: Any, pseudonym: Callable[[s
         if f.name not in record:
             continue
         value = record[f.name]
-        if f.identifying:
+        if f.identifying or f.free_text:
             kept[f.name] = pseudonym(value) if isinstance(value, str) else (
                 None if value is None else f"(value withheld: identifies a patient; {type(value).__name__})")
         elif f.repeated:

@@ -151,11 +151,11 @@ def decode_dicom_bytes(data: bytes, config: DicomReadConfig) -> PreparedImage:
     except DicomRejected:
         raise
     except Exception as error:  # pydicom converts raw elements on first access, and that can fail
-        raise DicomRejected(CORRUPT_HEADER, f"{type(error).__name__}: {error}") from None
+        raise DicomRejected(CORRUPT_HEADER, f"{type(error).__name__} (message withheld)") from None
     try:
         prepared = prepare_dicom(ds, target_size=config.target_size, frame=config.frame)
     except Exception as error:  # decoder plugins raise ValueError, RuntimeError, OSError...
-        raise DicomRejected(CORRUPT_PIXELS, f"{type(error).__name__}: {error}") from None
+        raise DicomRejected(CORRUPT_PIXELS, f"{type(error).__name__} (message withheld)") from None
     if not np.isfinite(prepared.image).all():
         raise DicomRejected(CORRUPT_PIXELS, "the prepared image has non-finite values")
     return prepared
@@ -174,7 +174,7 @@ def read_dataset(data: bytes, config: DicomReadConfig) -> pydicom.Dataset:
     except InvalidDicomError:
         raise DicomRejected(NOT_DICOM, "no 'DICM' prefix after the 128-byte preamble") from None
     except Exception as error:  # a damaged File Meta group
-        raise DicomRejected(CORRUPT_HEADER, f"File Meta Information: {type(error).__name__}: {error}") from None
+        raise DicomRejected(CORRUPT_HEADER, f"File Meta Information: {type(error).__name__} (message withheld)") from None
     syntax = meta.get("TransferSyntaxUID")
     if not syntax:
         raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, "the File Meta Information has no Transfer Syntax UID")
@@ -183,7 +183,7 @@ def read_dataset(data: bytes, config: DicomReadConfig) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(io.BytesIO(data))
     except Exception as error:  # pydicom raises many types on damaged elements
-        raise DicomRejected(CORRUPT_HEADER, f"{type(error).__name__}: {error}") from None
+        raise DicomRejected(CORRUPT_HEADER, f"{type(error).__name__} (message withheld)") from None
 
 
 def _check_inflated_size(deflated: bytes, limit: int) -> None:
@@ -207,18 +207,18 @@ def check_header(ds: pydicom.Dataset, config: DicomReadConfig, data: bytes = b""
         decoder = get_decoder(syntax)
     except NotImplementedError:
         raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX,
-                            f"{syntax} ({syntax.name}) has no pixel decoder") from None
+                            f"{_syntax_shown(syntax)} has no pixel decoder") from None
     if not decoder.is_available:
-        raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, f"{syntax} ({syntax.name}): no decoder plugin installed")
+        raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, f"{_syntax_shown(syntax)}: no decoder plugin installed")
     modality = str(ds.get("Modality", "") or "").strip()
     if config.allowed_modalities is not None and modality not in config.allowed_modalities:
-        raise DicomRejected(WRONG_MODALITY, f"Modality {modality or '(absent)'!r} is not one of "
+        raise DicomRejected(WRONG_MODALITY, f"Modality {'(value withheld)' if modality else '(absent)'} is not one of "
                                             f"{list(config.allowed_modalities)}")
     # Body Part Examined (0018,0015) is Type 3 (optional) in the General Series module: many
     # CR/DX exports leave it out or empty, so only a present value naming another part is refused.
     body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if config.require_chest and body_part and body_part != "CHEST":
-        raise DicomRejected(NOT_CHEST, f"Body Part Examined is {body_part!r}")
+        raise DicomRejected(NOT_CHEST, "Body Part Examined names another part than CHEST (value withheld)")
     if "PixelData" not in ds:
         if any(tag in data for tag in _PIXEL_DATA_TAGS):
             raise DicomRejected(TRUNCATED_PIXELS, "the file has a Pixel Data (7FE0,0010) element that ends "
@@ -229,7 +229,7 @@ def check_header(ds: pydicom.Dataset, config: DicomReadConfig, data: bytes = b""
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
     samples = _int_attribute(ds, "SamplesPerPixel", default=1)
     if photometric not in MONOCHROME or samples != 1:
-        raise DicomRejected(NOT_MONOCHROME, f"Photometric Interpretation {photometric or '(absent)'!r} "
+        raise DicomRejected(NOT_MONOCHROME, f"Photometric Interpretation {_photometric_shown(photometric)} "
                                             f"with {samples} sample(s) per pixel")
     rows, columns = _int_attribute(ds, "Rows"), _int_attribute(ds, "Columns")
     bits = _int_attribute(ds, "BitsAllocated")
@@ -262,7 +262,7 @@ def _check_codestream(syntax: UID, pixel_data: bytes, config: DicomReadConfig, f
     Allocated deep (`transforms.dicom_codestream`, which fails closed on any layout it cannot read).
     """
     if syntax not in UNDERSTOOD_SYNTAXES:
-        raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, f"{syntax} ({syntax.name}): its codestream is not "
+        raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, f"{_syntax_shown(syntax)}: its codestream is not "
                                                          "checked before decoding, so it is not decoded")
     try:
         codestream = get_frame(pixel_data, config.frame, number_of_frames=frames)
@@ -285,7 +285,26 @@ def _int_attribute(ds: pydicom.Dataset, keyword: str, default: int | None = None
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise DicomRejected(BAD_PIXEL_ATTRIBUTES, f"{keyword} is {value!r}, not an integer") from None
+        raise DicomRejected(BAD_PIXEL_ATTRIBUTES, f"{keyword} is not an integer (value withheld)") from None
+
+
+# PS3.3 C.7.6.3.1.2: the defined terms of Photometric Interpretation, the only values a reason quotes.
+PHOTOMETRIC_TERMS = frozenset(("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK",
+                               "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT",
+                               "YBR_RCT", "XYB"))
+
+
+def _photometric_shown(value: str) -> str:
+    if not value:
+        return "(absent)"
+    return repr(value) if value in PHOTOMETRIC_TERMS else "(value withheld)"
+
+
+def _syntax_shown(syntax: UID) -> str:
+    """A Transfer Syntax UID pydicom knows, with its name; any other (input text) withheld."""
+    if syntax.is_transfer_syntax and syntax.name != str(syntax):
+        return f"{syntax} ({syntax.name})"
+    return "a Transfer Syntax UID this code does not know (value withheld)"
 
 
 class DecodeDicomFn(beam.DoFn):
