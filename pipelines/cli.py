@@ -6,6 +6,8 @@
     medtwin report    --patient P OUT          one patient as a PNG: vitals, NEWS2, alerts, X-rays
     medtwin train     ...                      train the detector
     medtwin evaluate  ...                      score a detector checkpoint
+    medtwin train-risk --history DIR ...       learned early-warning models (tf.Transform features)
+    medtwin backtest  --input DIR --report OUT every alert source scored against the simulator's truth
     medtwin backfill  ...                      re-run history with the same transforms
     medtwin launch    ...                      submit the pipeline to Dataflow or Flink
     medtwin publish   --input DIR --kafka_bootstrap HOST:PORT   replay landed streams into Kafka (or Pub/Sub)
@@ -30,6 +32,8 @@ SUBCOMMAND_MODULES = (
     "pipelines.report",
     "model.train_cli",
     "model.evaluate_cli",
+    "pipelines.train_risk",
+    "pipelines.backtest",
     "launch.backfill",
     "launch.submit",
     "pipelines.publish",

@@ -129,8 +129,12 @@ class Imaging(beam.PTransform):
         return {"detections": detections, "alerts": alerts, DEAD_LETTERS: dead_letters}
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
-    """Adds the medtwin graph, sinks included, to `pipeline`; returns {table: PCollection of rows}."""
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig, learned: dict | None = None) -> dict:
+    """Adds the medtwin graph, sinks included, to `pipeline`; returns {table: PCollection of rows}.
+
+    learned: {"features": artifact folder, "models": {"patient"|"device": .safetensors}} adds the learned
+    early warning (`model.risk.LearnedEarlyWarning`) to the twin rows; None leaves it out.
+    """
     raw = pipeline | "ReadStreams" >> ReadStreams(config)
     decoded = raw | "Decode" >> DecodeStreams(config)
     patients = {"chunks": decoded["chunks"], "observations": decoded["observations"]} | "PatientTwin" >> PatientTwin(
@@ -139,6 +143,12 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
     alerts = [patients["alerts"], devices["alerts"]]
     dead_letters = [*decoded[DEAD_LETTERS], patients[DEAD_LETTERS], devices[DEAD_LETTERS]]
     tables = {"patient_twin": patients["patient_twin"], "device_twin": devices["device_twin"]}
+    if learned is not None:
+        from model.risk import LearnedEarlyWarning
+        scored = tables | "LearnedEarlyWarning" >> LearnedEarlyWarning(learned["features"], learned["models"])
+        tables = {"patient_twin": scored["patient_twin"], "device_twin": scored["device_twin"]}
+        alerts += scored["alerts"]
+        dead_letters += scored[DEAD_LETTERS]
     if config.imaging is not None:
         imaging = ({"dicom_refs": decoded["dicom_refs"], **tables}
                    | "Imaging" >> Imaging(config.imaging))

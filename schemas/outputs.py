@@ -28,6 +28,16 @@ def _vital_stats() -> tuple[Field, ...]:
     return tuple(fields)
 
 
+def _learned(risk: str, doc: str) -> tuple[Field, ...]:
+    """The learned early-warning columns (null unless the job applies features and a risk model)."""
+    return (
+        Field("features_version", STRING, nullable=True,
+              doc="tf.Transform features artifact the row was featured with."),
+        Field(risk, FLOAT, nullable=True, minimum=0, maximum=1, doc=doc),
+        Field("risk_model_version", STRING, nullable=True, doc="Version of the risk model that scored the row."),
+    )
+
+
 PATIENT_TWIN = RecordDef(
     name="patient_twin",
     doc="A patient's vital signs and NEWS2 over one event-time window (one row per pane).",
@@ -55,6 +65,8 @@ PATIENT_TWIN = RecordDef(
         Field("gap_before_seconds", FLOAT, nullable=True,
               doc="Seconds from the patient's previous sample to this window's first (null: none before)."),
         Field("stale", BOOL, doc="No sample arrived for longer than the stale threshold before this window."),
+        *_learned("deterioration_risk", "Learned probability that the patient's deterioration starts within the "
+                  "model's horizon or has started (model/risk.py; simulator-trained, not clinical evidence)."),
     ),
 )
 
@@ -99,6 +111,8 @@ DEVICE_TWIN = RecordDef(
         Field("maintenance_due", BOOL, doc="Service interval exceeded."),
         Field("failure_risk", FLOAT, minimum=0, maximum=1, doc="Failure-risk score."),
         Field("failure_risk_reasons", STRING, repeated=True, doc="Why the score is what it is."),
+        *_learned("failure_risk_model", "Learned probability that the device fails within the model's horizon "
+                  "(model/risk.py; simulator-trained)."),
     ),
 )
 
@@ -139,7 +153,8 @@ DETECTIONS = RecordDef(
     ),
 )
 
-ALERT_KINDS = ("news2_band", "device_failure_risk", "maintenance_overdue", "sensor_stale", "triage")
+ALERT_KINDS = ("news2_band", "device_failure_risk", "maintenance_overdue", "sensor_stale", "triage",
+               "deterioration_risk", "device_failure_model")
 ALERT_SEVERITIES = ("info", "warning", "urgent")
 
 ALERTS = RecordDef(

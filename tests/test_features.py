@@ -1,0 +1,199 @@
+"""tf.Transform features (transforms/features.py): analysed over history, applied in batch and streaming.
+
+One small simulated hospital is run in batch; its twin tables are the history. The analysis job runs
+on the DirectRunner and on Prism (one Prism job service for the session, as tests/test_runners.py
+starts it); the applied statistics are compared with numpy over the same final rows.
+"""
+
+import datetime as dt
+import subprocess
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+
+from launch.runners import installed_path
+from pipelines.cli import main
+from pipelines.query import connect
+from tests.test_runners import _free_port, _wait_for_port
+from transforms import features as F
+from transforms.dead_letters import DEAD_LETTERS
+
+
+@pytest.fixture(scope="session")
+def prism_endpoint(tmp_path_factory):
+    """A Prism job service for the session: ``host:port``."""
+    log = tmp_path_factory.mktemp("prism") / "prism.log"
+    port = _free_port()
+    process = subprocess.Popen([installed_path("prism"), "--job_port", str(port), "--serve_http=false"],
+                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, process)
+        yield f"localhost:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def prism_args(endpoint: str) -> list[str]:
+    return ["--runner=PrismRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK"]
+
+
+@pytest.fixture(scope="session")
+def history(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feature-history")
+    assert main(["simulate", "--out", str(root / "h"), "--patients", "4", "--devices", "4", "--hours", "2",
+                 "--seed", "21"]) == 0
+    assert main(["run", "--input", str(root / "h"), "--output", str(root / "out"), "--demo", "--no_imaging"]) == 0
+    return str(root / "out")
+
+
+@pytest.fixture(scope="session")
+def artifacts(history, prism_endpoint, tmp_path_factory):
+    """{"direct": path, "prism": path}: the same history analysed on each runner."""
+    root = tmp_path_factory.mktemp("features")
+    return {"direct": F.analyse_history([history], str(root / "direct")),
+            "prism": F.analyse_history([history], str(root / "prism"), prism_args(prism_endpoint))}
+
+
+def _final_rows(history: str, table: str) -> list[dict]:
+    connection = connect(history)
+    cursor = connection.execute(f"select * exclude (date) from {table} where is_final order by all")
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, values)) for values in cursor.fetchall()]
+    for row in rows:
+        for name in ("window_start", "window_end"):
+            row[name] = row[name].astimezone(dt.timezone.utc)
+    return rows
+
+
+def _complete(subject: str, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    pairs = [(row, F.raw_inputs(subject, row)) for row in rows]
+    return [r for r, x in pairs if x is not None], [x for _, x in pairs if x is not None]
+
+
+def test_analysis_on_prism_gives_the_same_version_as_on_the_direct_runner(artifacts):
+    assert artifacts["direct"].rsplit("/", 1)[-1] == artifacts["prism"].rsplit("/", 1)[-1]
+    assert F.FeatureArtifact(artifacts["prism"]).version.startswith("feat-")
+
+
+@pytest.mark.parametrize("runner", ("direct", "prism"))
+def test_patient_z_scores_and_deciles_equal_numpy_over_the_history(history, artifacts, runner):
+    rows, inputs = _complete("patient", _final_rows(history, "patient_twin"))
+    assert len(rows) > 100, "too little history to compare"
+    artifact = F.FeatureArtifact(artifacts[runner])
+    applied = artifact.transform("patient", inputs)
+    names = artifact.names("patient")
+    for name in (*F.PATIENT_VITALS, *F.PATIENT_TRENDS, "news2_score"):
+        x = np.array([row[name] for row in rows], np.float64)
+        np.testing.assert_allclose(applied[:, names.index(f"{name}_z")], (x - x.mean()) / x.std(),
+                                   rtol=1e-3, atol=1e-3, err_msg=name)
+        if name == "news2_score":
+            continue
+        boundaries = np.quantile(x, np.arange(1, F.QUANTILE_BUCKETS) / F.QUANTILE_BUCKETS)
+        expected = np.searchsorted(boundaries, x, side="right")
+        got = np.rint(applied[:, names.index(f"{name}_q")] * (F.QUANTILE_BUCKETS - 1)).astype(int)
+        # tf.Transform's quantiles are an approximate sketch: values next to a boundary may fall either side.
+        assert np.abs(got - expected).max() <= 1, name
+        assert (got == expected).mean() >= 0.9, name
+
+
+@pytest.mark.parametrize("runner", ("direct", "prism"))
+def test_device_z_scores_per_model_rates_and_error_vocabulary_equal_numpy(history, artifacts, runner):
+    rows, inputs = _complete("device", _final_rows(history, "device_twin"))
+    assert len(rows) > 20, "too little history to compare"
+    artifact = F.FeatureArtifact(artifacts[runner])
+    applied = artifact.transform("device", inputs)
+    names = artifact.names("device")
+    models = np.array([row["device_model"] or "unknown" for row in rows])
+    assert len(set(models)) > 1, "one device model only: per-model statistics not exercised"
+    hours = np.array([(r["window_end"] - r["window_start"]).total_seconds() / 3600 for r in rows])
+    raw = {"tube_temperature_max": np.array([r["tube_temperature_max"] for r in rows], np.float64),
+           **{rate: np.array([r[count] for r in rows], np.float64) / hours
+              for rate, count in F.DEVICE_RATES.items()}}
+    for name, x in raw.items():
+        expected = np.empty_like(x)
+        for model in set(models):
+            group = x[models == model]
+            std = group.std()
+            expected[models == model] = (group - group.mean()) / std if std > 0 else group - group.mean()
+        np.testing.assert_allclose(applied[:, names.index(f"{name}_z")], expected, rtol=1e-3, atol=1e-3,
+                                   err_msg=name)
+    codes = [item["code"] for r in rows for item in (r["error_counts"] or []) for _ in range(item["count"])]
+    assert codes, "no error codes in history: vocabulary not exercised"
+    vocabulary = [v.decode() for v in F.tft_output(artifacts[runner], "device").vocabulary_by_name(
+        F.ERROR_CODES_VOCABULARY)]
+    assert sorted(vocabulary) == sorted(set(codes))
+    frequencies = [codes.count(code) for code in vocabulary]
+    assert frequencies == sorted(frequencies, reverse=True)   # tf.Transform orders by frequency
+    for row, vector in zip(rows, applied):
+        counts = vector[names.index("error_code_0"):]
+        expected = np.zeros(len(vocabulary) + F.OOV_BUCKETS)
+        for item in row["error_counts"] or []:
+            expected[vocabulary.index(item["code"])] += item["count"]
+        np.testing.assert_array_equal(counts, expected)
+
+
+def _apply(subject, rows, artifact_path, beam_args, streaming=False):
+    """ApplyFeatures over `rows` in a pipeline -> (sorted (key, window_start, version, vector) list, dead letters)."""
+    key = F.KEYS[subject]
+
+    def summary(pair):
+        row, vector = pair
+        return (row[key], row["window_start"].isoformat(), row.get("features_version"),
+                None if vector is None else tuple(np.round(vector, 4).tolist()))
+
+    options = PipelineOptions(beam_args)
+    options.view_as(StandardOptions).streaming = streaming
+    return summary, options
+
+
+@pytest.mark.parametrize("runner", ("direct", "prism"))
+def test_batch_pipeline_applies_the_artifact_and_names_its_version(history, artifacts, prism_endpoint, runner):
+    rows = _final_rows(history, "patient_twin")[:300]
+    artifact = F.FeatureArtifact(artifacts["direct"])
+    complete, inputs = _complete("patient", rows)
+    vectors = artifact.transform("patient", inputs)
+    summary, options = _apply("patient", rows, artifacts[runner],
+                              prism_args(prism_endpoint) if runner == "prism" else [])
+    expected = [summary(({**row, "features_version": artifact.version}, vector))
+                for row, vector in zip(complete, vectors)]
+    expected += [summary((row, None)) for row in rows if F.raw_inputs("patient", row) is None]
+    with beam.Pipeline(options=options) as pipeline:
+        out = pipeline | beam.Create(rows) | F.ApplyFeatures("patient", artifacts[runner])
+        assert_that(out["featured"] | beam.Map(summary), equal_to(expected))
+        assert_that(out[DEAD_LETTERS], equal_to([]), label="NoDeadLetters")
+
+
+def test_streaming_pipeline_applies_the_same_features(history, artifacts):
+    rows = _final_rows(history, "device_twin")
+    artifact = F.FeatureArtifact(artifacts["direct"])
+    complete, inputs = _complete("device", rows)
+    vectors = artifact.transform("device", inputs)
+    summary, options = _apply("device", rows, artifacts["direct"], [], streaming=True)
+    expected = [summary(({**row, "features_version": artifact.version}, vector))
+                for row, vector in zip(complete, vectors)]
+    expected += [summary((row, None)) for row in rows if F.raw_inputs("device", row) is None]
+    stream = TestStream()
+    for row in sorted(rows, key=lambda r: r["window_end"]):
+        stream = stream.add_elements([beam.window.TimestampedValue(row, row["window_end"].timestamp())])
+    stream = stream.advance_watermark_to_infinity()
+    with beam.Pipeline(options=options) as pipeline:
+        out = pipeline | stream | F.ApplyFeatures("device", artifacts["direct"])
+        assert_that(out["featured"] | beam.Map(summary), equal_to(expected))
+
+
+def test_a_row_whose_features_fail_is_a_dead_letter_and_passes_on_unfeatured(history, artifacts):
+    rows = _complete("patient", _final_rows(history, "patient_twin"))[0][:5]
+    broken = {**rows[0], "heart_rate_mean": float("inf")}
+    with beam.Pipeline() as pipeline:
+        out = pipeline | beam.Create([broken, *rows[1:]]) | F.ApplyFeatures("patient", artifacts["direct"])
+        assert_that(out["featured"] | beam.Map(lambda pair: (pair[0]["window_start"], pair[1] is None,
+                                                             "features_version" in pair[0])),
+                    equal_to([(broken["window_start"], True, False)]
+                             + [(r["window_start"], False, True) for r in rows[1:]]))
+        assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: (d["stage"], d["reason"], d["record_count"])),
+                    equal_to([("features_patient", "feature transform failed: ValueError", 1)]), label="Dead")
