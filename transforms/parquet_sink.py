@@ -224,6 +224,7 @@ def commit_partition(root: str, job_id: str, table: str, date: str, staged: list
         return committed
     for shard, path in staged:  # object stores: one object replace per file, then the leftovers go
         if FileSystems.exists(path):
+            _ensure_parent(FileSystems.join(final, names[shard]))
             FileSystems.rename([path], [FileSystems.join(final, names[shard])])
     existing = FileSystems.match([FileSystems.join(final, "*")])[0].metadata_list
     leftovers = [m.path for m in existing if os.path.basename(m.path) not in names.values()]
