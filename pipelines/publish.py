@@ -124,14 +124,33 @@ def pubsub_message(message: Message) -> tuple[bytes, dict]:
                            PUBSUB_ARRIVAL_ATTRIBUTE: _iso(message.arrival_time)}
 
 
-def publish_kafka(bootstrap: str, messages: list[Message], prefix: str) -> dict:
+def create_kafka_topics(bootstrap: str, topics: list[str]) -> None:
+    """Creates `topics` (broker defaults for partitions and replication) unless they exist, so a
+    reader of a stream that had no record finds an empty topic, not a missing one."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until every future has its answer
+    futures = admin.create_topics([NewTopic(t) for t in topics])
+    for future in futures.values():
+        try:
+            future.result(timeout=60)
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+
+def publish_kafka(bootstrap: str, messages: list[Message], prefix: str, streams: Iterable[str]) -> dict:
     """Produces `messages` in order to ``<prefix><stream>``; waits for every ack; {topic: count}."""
     from confluent_kafka import KafkaException, Producer
+
+    create_kafka_topics(bootstrap, [prefix + stream for stream in streams])
 
     # Idempotent producer: a retried send is written once, in order, per partition.
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                          "linger.ms": 20})
-    failures, counts = [], {}
+    failures = []
+    counts = {prefix + stream: 0 for stream in streams}
 
     def delivered(error, _record):
         if error is not None:
@@ -187,7 +206,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     messages = landed_messages(args.input, args.streams)
     if args.kafka_bootstrap:
-        counts = publish_kafka(args.kafka_bootstrap, messages, args.topic_prefix)
+        counts = publish_kafka(args.kafka_bootstrap, messages, args.topic_prefix, args.streams)
     else:
         counts = publish_pubsub(args.pubsub_project, messages, args.topic_prefix)
     for topic, count in sorted(counts.items()):
