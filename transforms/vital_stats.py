@@ -155,8 +155,9 @@ def segment_statistics(times_us: np.ndarray, vitals: np.ndarray, steps: np.ndarr
     None means "no stage") are the samples, window by window; starts (k,) is the first row of each
     window (starts[0] == 0) and duplicates (k,) what deduplication removed from it. Returns k dicts.
 
-    Every sum is one `np.add.reduceat` over a vital's present readings, so a window's mean is the
-    same float whether it is computed alone (streaming) or among the patient's other windows (batch).
+    Every sum is one `np.add.reduceat` over a vital's present readings, exact (`exact_means`), so a
+    window's mean is the same float whether it is computed alone (streaming) or among the patient's
+    other windows (batch), and chart rounding follows the exact mean.
     """
     ends = np.append(starts[1:], len(times_us))
     columns = {
@@ -165,8 +166,8 @@ def segment_statistics(times_us: np.ndarray, vitals: np.ndarray, steps: np.ndarr
         "first_sample_us": times_us[starts].tolist(),
         "last_sample_us": times_us[ends - 1].tolist(),
     }
-    count, total, low, high, last = _reduce_present(vitals, starts, ends)
-    mean = total / np.maximum(count, 1)
+    count, _, low, high, last = _reduce_present(vitals, starts, ends)
+    mean = exact_means(vitals, starts, ends, count)
     for i, (name, always) in enumerate(zip(VITAL_NAMES, count.all(axis=0).tolist())):
         present = None if always else count[:, i].tolist()
         columns[f"{name}_mean"] = _or_none(mean[:, i], present)
@@ -178,6 +179,23 @@ def segment_statistics(times_us: np.ndarray, vitals: np.ndarray, steps: np.ndarr
                               for value, present in zip(total[:, 0].tolist(), count[:, 0].tolist())]
     columns["sleep_stage_last"] = _last_named_stage(stage_codes, stage_names, starts, ends)
     return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
+# Readings are summed in millionths of their unit, as integers (exact in float64 below 2**53: a
+# window of a million readings of 300 is 3e14), so a mean is the exact decimal mean of the readings
+# as sent, rounded once.  A float sum is not: 37.98 + 37.98 + 38.19 sums to 114.14999..., whose mean
+# 38.04999... rounds to 38.0 on the chart where the documented rule (transforms.news2) gives 38.1.
+MICRO_UNITS = 1_000_000
+
+
+def exact_means(vitals: np.ndarray, starts: np.ndarray, ends: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """(k, m) means of the present readings of each segment, from exact sums of millionths.
+
+    A reading with more than six decimals counts to the nearest millionth in the mean (min, max
+    and last keep it as sent).  Segments without a reading in a column get an arbitrary value.
+    """
+    _, micro_total, *_ = _reduce_present(np.rint(vitals * MICRO_UNITS), starts, ends)
+    return micro_total / (np.maximum(count, 1) * MICRO_UNITS)
 
 
 def _reduce_present(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
