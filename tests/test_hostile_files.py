@@ -137,3 +137,16 @@ def test_the_replay_reads_the_same_and_stays_on_the_landed_clock(landing):
     assert _accounted(records) == (EXPECTED_READ, EXPECTED_DEAD)
     assert all(r.arrival_time >= dt.datetime(2026, 3, 2, tzinfo=dt.timezone.utc) for r in records)
     assert max(r.arrival_time for r in records) < dt.datetime(2026, 3, 3, tzinfo=dt.timezone.utc)
+
+
+def test_the_simulator_lands_byte_identical_avro_for_the_same_seed(tmp_path):
+    # issue 13, item 8: fastavro's default sync marker is random; the simulator derives it from the seed.
+    from simulator.writers import Landed, write_stream
+
+    landed = [Landed(dt.datetime(2026, 3, 2, 6, 30, tzinfo=dt.timezone.utc), event, event["event_id"])
+              for event in _events(30)]
+    files = []
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        write_stream(tmp_path / run, "device_logs", landed, seed=seed)
+        files.append((tmp_path / run / f"device_logs/date={DAY}/device_logs-06.avro").read_bytes())
+    assert files[0] == files[1] and files[0] != files[2]

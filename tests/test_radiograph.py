@@ -1,5 +1,4 @@
 """Synthetic chest radiographs: determinism, value ranges, and honest opacity labels."""
-import time
 
 import numpy as np
 import pytest
@@ -142,16 +141,3 @@ def test_dataclasses_are_frozen():
     with pytest.raises(AttributeError):
         image.bits_stored = 16
     np.testing.assert_array_equal(image.boxes, [[0, 0, 1, 1]])
-
-
-def test_timing_512(capsys):
-    rng = np.random.default_rng(0)
-    synthesize_chest_xray(rng, num_opacities=2)
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        synthesize_chest_xray(rng, num_opacities=2)
-        times.append(time.perf_counter() - start)
-    with capsys.disabled():
-        print(f"\nsynthesize_chest_xray 512x512, 2 opacities: median {1000 * np.median(times):.1f} ms, "
-              f"min {1000 * min(times):.1f} ms")
