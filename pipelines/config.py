@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from launch.engines import accelerator_hint
-from launch.runners import has_test_clock
+from launch.runners import has_test_clock, runner_kind
 from transforms.detect import DEVICES, InferenceConfig, model_input_size
 from transforms.device_twin import DeviceTwinConfig
 from transforms.patient_twin import PatientTwinConfig
@@ -170,6 +170,7 @@ def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: Devi
         max_batch_duration_secs=(args.inference_max_wait if streaming and not (
             source_kind == "replay" and source.replay_test_clock) else None),
         score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
+        model_watch=_model_watch(args, streaming), model_watch_interval_secs=args.model_watch_interval,
         # `medtwin launch --gpu TYPE`: the inference step alone asks for that accelerator.
         accelerator=accelerator_hint(getattr(args, "gpu", None), getattr(args, "gpu_machine_type", None)))
     pacs = (DicomWebAccess(base_urls=tuple(url.rstrip("/") for url in args.pacs_url),
@@ -216,6 +217,19 @@ _DAY = 86_400
 SECONDS = Bounded(int, 1, _DAY, "seconds")  # windows, ticks, steps: one second to one day
 LATENESS = Bounded(int, 0, 30 * _DAY, "seconds")
 PROBABILITY = Bounded(float, 0.0, 1.0)
+
+
+def _model_watch(args: argparse.Namespace, streaming: bool) -> str | None:
+    """--model_watch, refused where it cannot work: batch jobs, and Prism, which does not run triggered
+    side inputs in the global window (apache/beam#31438), the kind RunInference's model updates are."""
+    if not args.model_watch:
+        return None
+    if not streaming:
+        raise ValueError("--model_watch swaps models in a running stream: add --streaming")
+    if runner_kind(getattr(args, "runner", None)) == "prism":
+        raise ValueError("--model_watch cannot run on Prism: it refuses RunInference's model-update side input "
+                         "(a triggered side input in the global window, apache/beam#31438); use Flink or Dataflow")
+    return args.model_watch
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,6 +294,11 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                          help="where the workers read the PACS's user:password (never the secret itself)")
     imaging.add_argument("--no_structured_reports", action="store_true",
                          help="write no DICOM SR copies into OUTPUT/structured_reports (still stored to --pacs_url)")
+    imaging.add_argument("--model_watch", metavar="GLOB",
+                         help="streaming: watch this glob of .safetensors checkpoints; the newest replaces the model "
+                              "without a restart once it passes its checks (new files need new names)")
+    imaging.add_argument("--model_watch_interval", type=Bounded(float, 1, 86400, "seconds"), default=60.0,
+                         help="seconds between looks for a new checkpoint, 1-86400 [%(default)s]")
     imaging.add_argument("--inference_device", choices=DEVICES, default="auto",
                          help="auto: CUDA when the worker has it, else CPU [%(default)s]")
     imaging.add_argument("--inference_batch_size", type=Bounded(int, 1, 256), default=8,

@@ -79,6 +79,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -89,12 +90,13 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 import model as model_package
-from model.checkpoint import read_detector_metadata
+from model.checkpoint import load_detector, read_detector_metadata
 from model.configs import config_from_dict
 from model.preprocess import boxes_to_original
 from transforms.dead_letters import DEAD_LETTERS
@@ -127,6 +129,10 @@ class InferenceConfig:
     accelerator: the Dataflow resource hint of the inference step; None means
         DEFAULT_ACCELERATOR when device == "cuda", and no hint otherwise.
     autocast: float16 autocast on CUDA (ignored on CPU).
+    model_watch: streaming only: a glob of .safetensors checkpoints (e.g. ``models/*.safetensors``) watched
+        by Beam's `WatchFilePattern` every ``model_watch_interval_secs``; the newest file becomes
+        RunInference's model-update side input and replaces the model without a restart once it passes
+        `checkpoint_problem` (files must get new names: WatchFilePattern ignores rewrites of a name).
     """
 
     weights_path: str
@@ -139,6 +145,8 @@ class InferenceConfig:
     model_copies: int = 1
     accelerator: str | None = None
     autocast: bool = True
+    model_watch: str | None = None
+    model_watch_interval_secs: float = 60.0
 
     def __post_init__(self):
         if not isinstance(self.weights_path, str) or not self.weights_path.endswith(".safetensors"):
@@ -159,6 +167,9 @@ class InferenceConfig:
         threshold = self.score_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {threshold!r}")
+        if self.model_watch is not None and (not isinstance(self.model_watch, str)
+                                             or not self.model_watch.endswith(".safetensors")):
+            raise ValueError(f"model_watch must be a glob of .safetensors files, got {self.model_watch!r}")
         if self.accelerator is not None:
             if self.device == "cpu":
                 raise ValueError(f"accelerator {self.accelerator!r} asks for a GPU but device is 'cpu'")
@@ -230,8 +241,6 @@ class CascadeDetector:
 
     def __init__(self, weights_path: str, *, device: str = "auto", autocast: bool = True):
         import torch
-
-        from model.checkpoint import load_detector
 
         self.device = resolve_device(device)
         loaded = load_detector(weights_path, device=self.device)
@@ -326,24 +335,60 @@ def image_problem(image: Any, input_size: int) -> str | None:
     return None
 
 
+def checkpoint_problem(weights_path: str, input_size: int) -> str | None:
+    """Why the checkpoint at `weights_path` must not replace a running model, or None.
+
+    It must load as `model.checkpoint.load_detector` loads (safetensors only, JSON and header agreeing,
+    every config value checked, weights hashing to their version, fitting the architecture) and take
+    images of the running model's `input_size` (the decode stage resizes to it).
+    """
+    if not isinstance(weights_path, str) or not weights_path.endswith(".safetensors"):
+        return "not a .safetensors checkpoint"
+    try:
+        info = read_model_info(weights_path)
+        if info.input_size != input_size:
+            return f"input size {info.input_size}, the running model's is {input_size}"
+        load_detector(weights_path, device="cpu")
+    except Exception as error:  # ValueError/ConfigError from the checks, OSError for a missing file
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 class CascadeModelHandler(ModelHandler[DecodedStudy, PredictionResult, CascadeDetector]):
     """RunInference handler: DecodedStudy -> PredictionResult(inference=ImageDetections | InferenceRefused)."""
 
     def __init__(self, config: InferenceConfig):
         super().__init__()
         self._config = config
+        self._weights_path = config.weights_path
         info = read_model_info(config.weights_path)
         self._info = info
         self._share_across_processes = config.share_across_processes
         self._model_copies = config.model_copies
 
     def load_model(self) -> CascadeDetector:
-        detector = CascadeDetector(worker_weights_path(self._config.weights_path), device=self._config.device,
+        detector = CascadeDetector(worker_weights_path(self._weights_path), device=self._config.device,
                                    autocast=self._config.autocast)
         if detector.version != self._info.version:
-            raise ValueError(f"the worker's {self._config.weights_path} is version {detector.version}, the job was "
+            raise ValueError(f"the worker's {self._weights_path} is version {detector.version}, the job was "
                              f"built for {self._info.version}: ship the same weights to the workers")
         return detector
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        """RunInference's model update (its ``model_metadata_pcoll`` side input): take `model_path` only
+        if it passes `checkpoint_problem`; a refused checkpoint keeps the current model (counted in
+        ``detect/checkpoints_refused``), so a bad upload never stops the stream."""
+        if not model_path or model_path == self._weights_path:
+            return
+        problem = checkpoint_problem(model_path, self._info.input_size)
+        if problem is not None:
+            Metrics.counter(METRICS_NAMESPACE, "checkpoints_refused").inc()
+            logging.getLogger(__name__).warning("new detector checkpoint refused, the current model stays: %s",
+                                                problem)
+            return
+        Metrics.counter(METRICS_NAMESPACE, "checkpoints_accepted").inc()
+        self._weights_path = model_path
+        self._info = read_model_info(model_path)
 
     def run_inference(self, batch: Sequence[DecodedStudy], model: CascadeDetector,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
@@ -465,9 +510,10 @@ class ToDetectionRowsFn(beam.DoFn):
                 reference_dead_letter(STAGE, f"image refused: {result.inference.reason}",
                                       _reference_of(study), at), at))
             return
+        model_name, model_version = _model_of(result, self._info)
         try:
-            row = detection_row(study, result.inference, model_name=self._info.name,
-                                model_version=self._info.version, score_threshold=self._threshold)
+            row = detection_row(study, result.inference, model_name=model_name,
+                                model_version=model_version, score_threshold=self._threshold)
         except Exception as error:  # a reference missing a field the row needs, a bad scale...
             yield TaggedOutput(DEAD_LETTERS, TimestampedValue(
                 reference_dead_letter(STAGE, f"detection row: {type(error).__name__}: {error}",
@@ -476,6 +522,13 @@ class ToDetectionRowsFn(beam.DoFn):
         self._rows.inc()
         self._boxes.inc(len(row["boxes"]))
         yield TimestampedValue((study.reference, row) if self._with_reference else row, at)
+
+
+def _model_of(result: PredictionResult, info: ModelInfo) -> tuple[str, str]:
+    """(name, version) of the model that scored `result` (its ``name@version`` model_id: after a hot
+    swap, the new model's), else the job's."""
+    name, at, version = str(result.model_id or "").rpartition("@")
+    return (name, version) if at and name and version else (info.name, info.version)
 
 
 class FailedBatchToDeadLettersFn(beam.DoFn):
@@ -498,18 +551,27 @@ class DetectOpacities(beam.PTransform):
     Detection rows have every DETECTIONS field but quality_flag / quality_reasons (added by
     the join with the device twin) and keep the acquisition time as their timestamp.
     images in = detections + dead letters.  reports: None, or where each image's SR goes.
+    model_updates: RunInference's model-update side input (ModelMetadata whose model_id is a
+    checkpoint path); by default the watch of ``config.model_watch``, or none.
     """
 
     def __init__(self, config: InferenceConfig, *, handler: ModelHandler | None = None,
-                 reports: ReportConfig | None = None):
+                 reports: ReportConfig | None = None, model_updates: beam.PCollection | None = None):
         super().__init__()
         self._config = config
         self._handler = handler or CascadeModelHandler(config)
         self._info = read_model_info(config.weights_path)
         self._reports = reports
+        self._model_updates = model_updates  # PCollection[ModelMetadata]; None: config.model_watch, if any
 
     def expand(self, images):
-        inferred, failed = images | "RunInference" >> RunInference(self._handler).with_exception_handling()
+        updates = self._model_updates
+        if updates is None and self._config.model_watch is not None:
+            # Hot swap: the newest checkpoint matching the glob, as RunInference's model-update side input.
+            updates = images.pipeline | "WatchCheckpoints" >> WatchFilePattern(
+                self._config.model_watch, interval=self._config.model_watch_interval_secs)
+        inferred, failed = images | "RunInference" >> RunInference(
+            self._handler, model_metadata_pcoll=updates).with_exception_handling()
         rows = inferred | "ToDetectionRows" >> beam.ParDo(
             ToDetectionRowsFn(self._info, self._config.score_threshold, with_reference=self._reports is not None)
         ).with_outputs(DEAD_LETTERS, main="rows")
