@@ -32,9 +32,10 @@ from transforms.decode import SampleChunk, to_micros
 from transforms.news2 import score_news2
 from transforms.panes import PANE, AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
 from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, window_statistics
-from transforms.windowing import ApplyWindowPolicy, WindowPolicy, timer_time
+from transforms.windowing import HORIZON, ApplyWindowPolicy, HoldUntilTheDataPasses, WindowPolicy, timer_time
 
 ALERTS = "alerts"
+STALE_KIND = "sensor_stale"
 OBSERVATION = "observation"
 ELEVATED_BAND_LEVELS = {"medium": 2, "high": 3}
 OBSERVATIONS_KEPT = 64  # newest nurse observations a patient's history keeps (hourly: over two days)
@@ -284,7 +285,7 @@ class PatientStateFn(beam.DoFn):
         minutes = self._config.stale_after_seconds / 60
         return {
             "alert_id": f"sensor_stale:{key}:{onset.isoformat()}",
-            "kind": "sensor_stale", "subject_type": "patient", "subject_id": key, "severity": "warning",
+            "kind": STALE_KIND, "subject_type": "patient", "subject_id": key, "severity": "warning",
             "onset_time": onset, "window_end": None,
             "message": f"no wearable sample for more than {minutes:g} minutes",
             "evidence": json.dumps({"last_sample": as_datetime(last_sample_us).isoformat(),
@@ -374,5 +375,10 @@ class PatientTwin(beam.PTransform):
         timeline = (panes, observations) | "PanesAndObservations" >> beam.Flatten()
         outputs = timeline | "PatientState" >> beam.ParDo(PatientStateFn(self._config)).with_outputs(
             ALERTS, main="patient_twin")
-        return {"patient_twin": outputs.patient_twin, ALERTS: outputs[ALERTS],
-                DEAD_LETTERS: windowed[DEAD_LETTERS]}
+        # A stale timer also fires when the input ends or the job drains: such alerts never come out.
+        stale, other = outputs[ALERTS] | "StaleOrNot" >> beam.Partition(
+            lambda alert, _: 1 - (alert["kind"] == STALE_KIND), 2)
+        stale = {"elements": stale, HORIZON: windowed[HORIZON]} | "StaleOnlyWithinTheData" >> HoldUntilTheDataPasses(
+            lambda alert: to_micros(alert["onset_time"]), what="sensor_stale_alerts")
+        alerts = (stale, other) | "PatientAlerts" >> beam.Flatten()
+        return {"patient_twin": outputs.patient_twin, ALERTS: alerts, DEAD_LETTERS: windowed[DEAD_LETTERS]}

@@ -23,6 +23,14 @@ shard's very first element arrives before its first tick, when nothing is
 known; it is forwarded, and if it was already later than the lateness the
 window drops it (Beam counts it; on Dataflow, ``droppedDueToLateness``).
 
+Data horizon: the gate also emits, per shard, the newest event time it has let
+through, whenever that moves on by ``HORIZON_STEP_SECONDS`` (output ``horizon``: a
+handful of elements per shard and minute). The watermark alone cannot tell a
+silence from the end of the input: when a bounded input is exhausted or a
+streaming job is drained, it jumps to the end of time and fires every pending
+event-time timer. What the data itself has reached can: a silence that ends
+after the newest event anyone sent is no silence (`HoldUntilTheDataPasses`).
+
 Panes: early panes every ``early_firing_seconds`` of processing time, one
 on-time pane when the watermark passes the window end, a late pane for each
 late arrival; accumulating, so each pane is a complete refinement and the
@@ -42,7 +50,8 @@ import zlib
 from typing import Any, Callable
 
 import apache_beam as beam
-from apache_beam.coders import VarIntCoder
+from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
@@ -53,6 +62,8 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from transforms.dead_letters import DEAD_LETTERS, dead_letter
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+HORIZON = "horizon"
+HORIZON_STEP_SECONDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +124,7 @@ class _TooLateGateFn(beam.DoFn):
     """(shard, (key, value)) -> (key, value), or a ``too late`` dead letter. See the module docstring."""
 
     CLOSED_THROUGH = ReadModifyWriteStateSpec("closed_through_us", VarIntCoder())
+    NEWEST = ReadModifyWriteStateSpec("newest_reported_us", VarIntCoder())
     STARTED = ReadModifyWriteStateSpec("started", VarIntCoder())
     ENDED = ReadModifyWriteStateSpec("ended", VarIntCoder())
     TICK = TimerSpec("tick", TimeDomain.WATERMARK)
@@ -126,6 +138,7 @@ class _TooLateGateFn(beam.DoFn):
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam,
                 closed_state=beam.DoFn.StateParam(CLOSED_THROUGH), started=beam.DoFn.StateParam(STARTED),
+                newest=beam.DoFn.StateParam(NEWEST),
                 tick=beam.DoFn.TimerParam(TICK), end_of_input=beam.DoFn.TimerParam(END_OF_INPUT)):
         _, (key, value) = element
         micros = timestamp.micros
@@ -137,6 +150,10 @@ class _TooLateGateFn(beam.DoFn):
             started.write(1)
             tick.set(Timestamp(micros=(micros // self._tick_us + 1) * self._tick_us))
             end_of_input.set(GlobalWindow().max_timestamp())
+        reported = newest.read()
+        if reported is None or micros >= reported + HORIZON_STEP_SECONDS * 1_000_000:
+            newest.write(micros)
+            yield TaggedOutput(HORIZON, micros)
         yield key, value
 
     @on_timer(TICK)
@@ -170,7 +187,9 @@ def _iso(micros: int) -> str:
 class ApplyWindowPolicy(beam.PTransform):
     """Keyed, timestamped elements -> the same, windowed per `WindowPolicy`; too-late ones to dead letters.
 
-    Returns a dict: ``{"windowed": PCollection[(key, value)], "dead_letters": PCollection[dict]}``.
+    Returns a dict: ``{"windowed": PCollection[(key, value)], "dead_letters": PCollection[dict],
+    "horizon": PCollection[int]}`` (horizon: event times in microseconds that the data has
+    reached, see the module docstring; empty in batch).
     `describe(key, value) -> (payload, record_count)` builds the dead-letter payload (already
     free of identifiers) and says how many input records the element stands for.
     """
@@ -188,9 +207,9 @@ class ApplyWindowPolicy(beam.PTransform):
                 keyed
                 | "ShardForGate" >> beam.Map(lambda kv, n=policy.gate_shards: (_shard(kv[0], n), kv))
                 | "DeadLetterTooLate" >> beam.ParDo(_TooLateGateFn(policy, self._stage, self._describe))
-                .with_outputs(DEAD_LETTERS, main="on_time")
+                .with_outputs(DEAD_LETTERS, HORIZON, main="on_time")
             )
-            keyed, too_late = gated.on_time, gated[DEAD_LETTERS]
+            keyed, too_late, horizon = gated.on_time, gated[DEAD_LETTERS], gated[HORIZON]
             windowing = dict(
                 trigger=trigger.AfterWatermark(
                     early=trigger.AfterProcessingTime(policy.early_firing_seconds),
@@ -200,6 +219,72 @@ class ApplyWindowPolicy(beam.PTransform):
             )
         else:
             too_late = keyed.pipeline | "NoTooLateInBatch" >> beam.Create([])
+            horizon = keyed.pipeline | "NoHorizonInBatch" >> beam.Create([])
             windowing = {}
         windowed = keyed | "FixedWindows" >> beam.WindowInto(window.FixedWindows(policy.window_seconds), **windowing)
-        return {"windowed": windowed, DEAD_LETTERS: too_late}
+        return {"windowed": windowed, DEAD_LETTERS: too_late, HORIZON: horizon}
+
+
+class _HoldUntilTheDataPassesFn(beam.DoFn):
+    """(0, ("horizon", micros) | ("held", (due_us, element))) -> the held elements, once the data passes due_us.
+
+    One key: horizons are a few per gate shard and ``HORIZON_STEP_SECONDS``, held elements rare.
+    What is still held when the input ends is dropped and counted, never emitted.
+    """
+
+    REACHED = ReadModifyWriteStateSpec("reached_us", VarIntCoder())
+    HELD = ReadModifyWriteStateSpec("held", PickleCoder())
+    END_OF_INPUT = TimerSpec("end_of_input", TimeDomain.WATERMARK)
+
+    def __init__(self, what: str):
+        self._dropped = Metrics.counter("windowing", f"{what}_dropped_past_the_data")
+
+    def process(self, element, reached_state=beam.DoFn.StateParam(REACHED), held_state=beam.DoFn.StateParam(HELD),
+                end_of_input=beam.DoFn.TimerParam(END_OF_INPUT)):
+        _, (kind, value) = element
+        reached, held = reached_state.read(), held_state.read() or []
+        if kind == HORIZON:
+            reached = value if reached is None else max(reached, value)
+            reached_state.write(reached)
+        else:
+            held.append(value)
+            end_of_input.set(GlobalWindow().max_timestamp())
+        due = [item for item in held if reached is not None and item[0] <= reached]
+        if due:
+            held = [item for item in held if reached is None or item[0] > reached]
+            yield from (item for _, item in sorted(due, key=lambda pair: pair[0]))
+        held_state.write(held)
+
+    @on_timer(END_OF_INPUT)
+    def on_end_of_input(self, held_state=beam.DoFn.StateParam(HELD)):
+        self._dropped.inc(len(held_state.read() or []))
+        held_state.clear()
+
+
+class HoldUntilTheDataPasses(beam.PTransform):
+    """Elements due at an event time -> the same elements, only once some data has reached that time.
+
+    For what a watermark timer concludes from silence (a stale sensor): when the watermark jumps
+    to the end of time at the end of a bounded input or a drain, every pending timer fires although
+    nothing was silent; held here, those conclusions never come out. Input: a dict with
+    ``"elements"`` (any element), ``"due_us"`` (element -> the event time it is about, µs) and
+    ``"horizon"`` (`ApplyWindowPolicy`'s horizon output). Output: the elements, in the global window.
+    """
+
+    def __init__(self, due_us: Callable[[Any], int], *, what: str):
+        super().__init__()
+        self._due_us = due_us
+        self._what = what
+
+    def expand(self, inputs):
+        held = (inputs["elements"]
+                | "HeldInGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                | "Hold" >> beam.Map(lambda element, due=self._due_us: (0, ("held", (due(element), element)))))
+        reached = (inputs[HORIZON]
+                   | "HorizonInGlobalWindow" >> beam.WindowInto(window.GlobalWindows())
+                   | "Reached" >> beam.Map(lambda micros: (0, (HORIZON, micros))))
+        return (
+            (held, reached)
+            | "Flatten" >> beam.Flatten()
+            | "ReleasePastTheData" >> beam.ParDo(_HoldUntilTheDataPassesFn(self._what))
+        )
