@@ -22,7 +22,9 @@ worker image), beside them as a worker pool (``EXTERNAL``, ``--environment_confi
 or, on one machine, LOOPBACK/PROCESS. Parallelism and max parallelism are Beam's
 ``FlinkRunnerOptions``; the checkpointing interval and state backend are options of Beam's Java
 ``FlinkPipelineOptions`` (``checkpointingInterval``, ``stateBackend``, ``stateBackendStoragePath``),
-passed through the portable API under their snake_case names. A streaming job checkpoints every
+sent through the portable API under their snake_case names (declared to the Python SDK by
+`launch.runners.FlinkFaultToleranceOptions`; ``--checkpointing_mode`` and
+``--number_of_execution_retries`` pass through as Beam flags). A streaming job checkpoints every
 minute unless told otherwise (Kafka offsets are committed on checkpoints). Kafka sources are
 cross-language and also need the Java expansion service.
 

@@ -3,8 +3,9 @@
 Every flag `--dry_run` prints is parsed back by Beam 2.77's own PipelineOptions (WorkerOptions,
 GoogleCloudOptions, SetupOptions, FlinkRunnerOptions), so a misspelt or renamed option fails here,
 not on the cluster. The Flink options that only Beam's Java runner knows (checkpointing interval,
-state backend) are checked against the FlinkPipelineOptions class of the job server `make runners`
-installed. The GPU is checked in the pipeline graph: only the inference step's environment asks for
+state backend; declared to the Python SDK by `launch.runners.FlinkFaultToleranceOptions`, since
+FlinkRunner sends only declared options) are checked against the FlinkPipelineOptions class of the
+job server `make runners` installed. The GPU is checked in the pipeline graph: only the inference step's environment asks for
 an accelerator, and nothing asks for one job-wide.
 """
 
@@ -19,7 +20,7 @@ from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleClou
 from apache_beam.transforms.resources import AcceleratorHint
 
 from launch import engines
-from launch.runners import installed_path
+from launch.runners import FlinkFaultToleranceOptions, installed_path
 from pipelines.cli import build_parser, main
 from pipelines.config import JobConfig
 from pipelines.graph import build_pipeline
@@ -108,13 +109,14 @@ def test_flink_parallelism_checkpoints_and_rocksdb_reach_beams_flink_options(cap
                            "--source", "replay", "--parallelism", "4", "--max_parallelism", "128",
                            "--checkpointing_interval", "30000", "--state_backend", "rocksdb",
                            "--state_backend_storage_path", "s3://b/checkpoints")
+    assert _unknown_to_beam(flags) == {}  # FlinkRunner sends declared options only
     options = PipelineOptions(flags)
     flink = options.view_as(FlinkRunnerOptions)
     assert (flink.flink_master, flink.parallelism, flink.max_parallelism) == ("flink-jm:8081", 4, 128)
     assert flink.flink_job_server_jar == installed_path("flink_job_server_jar")  # nothing downloaded
-    java_only = _unknown_to_beam(flags)
-    # Beam's Python side keeps them as strings; Java's option parsing reads them into their types.
-    assert java_only == {"checkpointing_interval": "30000", "state_backend": "rocksdb",
+    java_only = {name: value for name, value in options.view_as(FlinkFaultToleranceOptions).get_all_options().items()
+                 if name in ("checkpointing_interval", "state_backend", "state_backend_storage_path")}
+    assert java_only == {"checkpointing_interval": 30000, "state_backend": "rocksdb",
                          "state_backend_storage_path": "s3://b/checkpoints"}
     # The portable API hands them to Java as camelCase options: each must be a FlinkPipelineOptions getter.
     getters = _java_option_getters()
@@ -127,8 +129,9 @@ def test_flink_parallelism_checkpoints_and_rocksdb_reach_beams_flink_options(cap
 def test_a_flink_stream_checkpoints_every_minute_unless_told_and_a_batch_does_not(capsys):
     stream, _ = _dry_run(capsys, "--engine", "flink", "--flink_master", "jm:8081", "--streaming", "--source", "replay")
     batch, _ = _dry_run(capsys, "--engine", "flink", "--flink_master", "jm:8081")
-    assert _unknown_to_beam(stream) == {"checkpointing_interval": str(engines.STREAMING_CHECKPOINT_MS)}
-    assert _unknown_to_beam(batch) == {}
+    interval = {flags: PipelineOptions(list(flags)).view_as(FlinkFaultToleranceOptions).checkpointing_interval
+                for flags in (tuple(stream), tuple(batch))}
+    assert interval == {tuple(stream): engines.STREAMING_CHECKPOINT_MS, tuple(batch): None}
 
 
 def test_a_flink_docker_environment_runs_the_worker_image(capsys):
