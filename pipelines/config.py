@@ -114,11 +114,12 @@ class JobConfig:
         test_clock = has_test_clock(getattr(args, "runner", None) or getattr(args, "engine", None))
         patient_policy = WindowPolicy(
             window_seconds=args.window, allowed_lateness_seconds=args.allowed_lateness,
-            early_firing_seconds=args.early_firing, streaming=streaming, tick_seconds=args.gate_tick)
+            early_firing_seconds=args.early_firing, streaming=streaming, tick_seconds=args.gate_tick,
+            gate_shards=args.gate_shards)
         device_policy = WindowPolicy(
             window_seconds=args.device_window, allowed_lateness_seconds=args.device_allowed_lateness,
             early_firing_seconds=args.early_firing, streaming=streaming,
-            tick_seconds=min(args.gate_tick, args.device_window))
+            tick_seconds=min(args.gate_tick, args.device_window), gate_shards=args.gate_shards)
         device = DeviceTwinConfig(policy=device_policy, service_interval_days=args.service_interval_days)
         config = cls(
             source=SourceConfig(
@@ -273,6 +274,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       help="streaming: processing seconds between early panes, 1-86400 [%(default)s]")
     twin.add_argument("--gate_tick", type=SECONDS, default=300,
                       help="streaming: too-late gate resolution and lateness slack, seconds, 1-86400 [%(default)s]")
+    twin.add_argument("--gate_shards", type=Bounded(int, 1, 4096, "shards"), default=64,
+                      help="streaming: keys of the too-late gate (its parallelism; a few timers each per tick), "
+                           "1-4096 [%(default)s]")
     twin.add_argument("--expected_sample_seconds", type=Bounded(float, 0.01, 3600, "seconds"), default=5.0,
                       help="wearable sampling interval, for completeness, 0.01-3600 [%(default)s]")
     twin.add_argument("--stale_after", type=Bounded(int, 1, 30 * _DAY, "seconds"), default=600,

@@ -16,9 +16,18 @@ through can be at most one tick behind: windows therefore keep
 ``allowed_lateness + tick`` before Beam would drop anything, and nothing the
 gate forwards is ever dropped. Data between ``allowed_lateness`` and
 ``allowed_lateness + tick`` late may still be aggregated as a late pane; data
-beyond that is always a dead letter. Shards tick for as long as the job runs
-(a few timers per tick), so an idle shard still knows the watermark; a timer
-at the end of time stops them when a bounded input is exhausted. Residual: a
+beyond that is always a dead letter. A shard ticks while the watermark is within reach of its
+newest data (window + lateness + one tick past it: until then an element could
+still be too late only by that much), then rests until its next element re-arms
+it, so an idle shard costs nothing and the end of the input or a drain (the
+watermark jumps to the end of time) ends in a few ticks per shard even on a
+runner that fires timers strictly in order; a timer at the end of time also
+stops them. While a shard rests, its closed-through time stays where it
+stopped: an element it then sees is checked against that, and one that is
+later than that yet behind the real watermark is the residual below (a shard
+rests only after a whole lateness without data).
+Shards: ``gate_shards`` (flag ``--gate_shards``, default 64) keys spread the
+stream's elements, so no shard is a hot key of the stream. Residual: a
 shard's very first element arrives before its first tick, when nothing is
 known; it is forwarded, and if it was already later than the lateness the
 window drops it (Beam counts it; on Dataflow, ``droppedDueToLateness``).
@@ -76,7 +85,7 @@ class WindowPolicy:
       early_firing_seconds: processing-time delay between early panes (streaming only).
       streaming: unbounded input; enables early/late panes and the too-late gate.
       tick_seconds: resolution of the gate's watermark tracking (also the lateness slack).
-      gate_shards: stateful shards of the gate; each one ticks independently.
+      gate_shards: stateful shards of the gate (its parallelism); each one ticks independently.
     """
 
     window_seconds: int = 60
@@ -84,7 +93,7 @@ class WindowPolicy:
     early_firing_seconds: int = 30
     streaming: bool = False
     tick_seconds: int = 300
-    gate_shards: int = 4
+    gate_shards: int = 64
 
     def __post_init__(self):
         if self.window_seconds <= 0:
@@ -93,6 +102,8 @@ class WindowPolicy:
             raise ValueError(f"allowed_lateness_seconds must be >= 0, got {self.allowed_lateness_seconds}")
         if self.tick_seconds <= 0:
             raise ValueError(f"tick_seconds must be positive, got {self.tick_seconds}")
+        if self.gate_shards <= 0:
+            raise ValueError(f"gate_shards must be positive, got {self.gate_shards}")
 
     def window_start_us(self, timestamp_us: int) -> int:
         """Start of the fixed window holding `timestamp_us` (as `window.FixedWindows` assigns it)."""
@@ -158,10 +169,16 @@ class _TooLateGateFn(beam.DoFn):
 
     @on_timer(TICK)
     def on_tick(self, fired=beam.DoFn.TimestampParam, closed_state=beam.DoFn.StateParam(CLOSED_THROUGH),
-                ended=beam.DoFn.StateParam(ENDED), tick=beam.DoFn.TimerParam(TICK)):
+                ended=beam.DoFn.StateParam(ENDED), started=beam.DoFn.StateParam(STARTED),
+                newest=beam.DoFn.StateParam(NEWEST), tick=beam.DoFn.TimerParam(TICK)):
         closed_state.write(fired.micros)
-        if not ended.read():
+        reported = newest.read()
+        within_reach = reported is not None and fired.micros <= self._policy.window_expiry_us(
+            reported + HORIZON_STEP_SECONDS * 1_000_000) + self._tick_us
+        if within_reach and not ended.read():
             tick.set(Timestamp(micros=fired.micros + self._tick_us))
+        else:
+            started.clear()   # rest: the next element re-arms the tick
 
     @on_timer(END_OF_INPUT)
     def on_end_of_input(self, ended=beam.DoFn.StateParam(ENDED)):
