@@ -8,7 +8,7 @@ from pipelines.config import JobConfig
 from pipelines.graph import build_pipeline
 
 
-COMMANDS = ["simulate", "run", "query", "report", "train", "evaluate", "backfill", "launch"]
+COMMANDS = ["simulate", "run", "query", "report", "train", "evaluate", "backfill", "launch", "publish"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
