@@ -2,9 +2,10 @@
 
 What was broken (issue 12) and the test that shows each fixed:
   the streaming path could not encode its rows ('str' object has no attribute 'micros')
-      -> test_streaming_run_writes_every_table, test_streaming_tables_are_day_partitioned_and_clustered
+      -> test_streaming_run_writes_every_table
   auto-created streaming tables were clustered but not day-partitioned
-      -> test_streaming_tables_are_day_partitioned_and_clustered
+      -> test_tables_are_created_from_schemas_day_partitioned_and_clustered[streaming],
+         test_streaming_run_writes_every_table
   rows BigQuery rejects were ignored
       -> test_rows_bigquery_refuses_become_dead_letters_with_its_reason (batch and streaming)
   re-running a batch day appended its rows again
@@ -115,10 +116,6 @@ def test_tables_are_created_from_schemas_day_partitioned_and_clustered(emulator_
         assert _select(dataset, f"SELECT count(*) FROM {{d}}.{name}") == [(1,)], name
 
 
-def test_streaming_tables_are_day_partitioned_and_clustered(emulator_env):
-    test_tables_are_created_from_schemas_day_partitioned_and_clustered(emulator_env, True)
-
-
 @pytest.mark.parametrize("streaming", [False, True], ids=["batch", "streaming"])
 def test_rows_bigquery_refuses_become_dead_letters_with_its_reason(emulator_env, streaming):
     dataset = _dataset()
@@ -158,3 +155,141 @@ def test_a_retried_streaming_flush_appends_once(emulator_env):
     assert list(fn.process((flush[0], list(reversed(flush[1]))))) == []  # the same flush, retried
     assert list(fn.process((flush[0], [_row("alerts", 7, alert_id="a7")]))) == []  # a new flush
     assert _select(dataset, "SELECT alert_id FROM {d}.alerts ORDER BY 1") == [("a0",), ("a1",), ("a2",), ("a7",)]
+
+
+# ---------------------------------------------------------------- medtwin run against the emulator
+
+
+@pytest.fixture(scope="session")
+def hospital(tmp_path_factory):
+    from pipelines.cli import main
+
+    root = tmp_path_factory.mktemp("bq-hospital")
+    assert main(["simulate", "--out", str(root / "in"), "--patients", "6", "--devices", "2", "--hours", "1",
+                 "--seed", "7", "--corrupt-fraction", "0.03", "--quiet"]) == 0  # 2 X-rays, 12 damaged records
+    return root
+
+
+def _run(hospital, *extra) -> None:
+    from pipelines.cli import main
+
+    assert main(["run", "--input", str(hospital / "in"), "--demo", "--model_per_process", *extra]) == 0
+
+
+@pytest.fixture(scope="session")
+def emulator_session(bigquery_emulator):  # noqa: F811
+    """BIGQUERY_EMULATOR_HOST for the session's `medtwin run`s (in this process, as the DirectRunner)."""
+    previous = os.environ.get("BIGQUERY_EMULATOR_HOST")
+    os.environ["BIGQUERY_EMULATOR_HOST"] = bigquery_emulator
+    yield bigquery_emulator
+    if previous is None:
+        os.environ.pop("BIGQUERY_EMULATOR_HOST", None)
+    else:
+        os.environ["BIGQUERY_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture(scope="session")
+def runs(hospital, emulator_session):
+    """The same hospital to Parquet and to the emulator's dataset ``batch``, both in batch."""
+    _run(hospital, "--output", str(hospital / "parquet"))
+    _run(hospital, "--bigquery_dataset", f"{PROJECT}:batch")
+    return {"parquet": hospital / "parquet", "first_batch": {name: _table_rows("batch", name)
+                                                             for name in OUTPUT_TABLES}}
+
+
+@pytest.fixture(scope="session")
+def rerun(runs, hospital):
+    _run(hospital, "--bigquery_dataset", f"{PROJECT}:batch")  # the same day again
+    return runs
+
+
+@pytest.fixture(scope="session")
+def streaming_run(runs, hospital):
+    _run(hospital, "--streaming", "--bigquery_dataset", f"{PROJECT}:streaming")
+    return runs
+
+
+def _normal(value):
+    if isinstance(value, float):
+        return None if math.isnan(value) else float(f"{value:.9g}")
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc)
+    if isinstance(value, (list, tuple)):
+        return tuple(_normal(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _normal(v)) for k, v in value.items()))
+    return value
+
+
+# Columns that differ between two runs of the same input: the model call's wall time and batch.
+VARIES = {"detections": ("inference_latency_ms", "batch_size")}
+
+
+def _columns(table: str) -> str:
+    return ", ".join(n for n in OUTPUT_TABLES[table].names if n not in VARIES.get(table, ()))
+
+
+def _table_rows(dataset: str, table: str) -> list:
+    rows = _select(dataset, f"SELECT {_columns(table)} FROM {{d}}.{table}")
+    return sorted((tuple(_normal(v) for v in row) for row in rows), key=repr)
+
+
+def _duckdb_rows(out: Path, sql: str) -> list:
+    connection = connect(str(out), timezone="UTC")
+    return sorted((tuple(_normal(v) for v in row) for row in connection.execute(sql).fetchall()), key=repr)
+
+
+def _bigquery_rows(dataset: str, sql: str) -> list:
+    from google.cloud import bigquery
+
+    config = bigquery.QueryJobConfig(default_dataset=f"{PROJECT}.{dataset}")
+    rows = _client().query(sql, job_config=config).result()
+    return sorted((tuple(_normal(v) for v in row.values()) for row in rows), key=repr)
+
+
+def _readme_queries(section: str) -> list[str]:
+    """The SQL statements of the first ```sql block under the README heading `section`."""
+    text = (ROOT / "README.md").read_text()
+    body = text[text.index(f"\n## {section}\n"):]
+    block = re.search(r"```sql\n(.*?)```", body, re.S).group(1)
+    lines = [line for line in block.splitlines() if not line.lstrip().startswith("--")]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+def test_batch_run_writes_every_table_like_parquet(runs):
+    for name in OUTPUT_TABLES:
+        parquet = _duckdb_rows(runs["parquet"], f"SELECT {_columns(name)} FROM {name}")
+        assert parquet, name
+        assert _table_rows("batch", name) == parquet, name
+
+
+def test_medtwin_run_twice_gives_the_same_tables(rerun):
+    for name in OUTPUT_TABLES:
+        assert _table_rows("batch", name) == rerun["first_batch"][name], name
+
+
+def test_streaming_run_writes_every_table(streaming_run):
+    """The streaming path (rows encoded, flushed, appended once) holds every final row batch holds."""
+    for name, key in (("patient_twin", "patient_key"), ("device_twin", "device_id")):
+        final = f"SELECT * EXCEPT (pane_index, pane_timing) FROM {{d}}.{name} WHERE is_final"
+        assert _select("streaming", f"SELECT count(*) FROM ({final})") == _select(
+            "batch", f"SELECT count(*) FROM ({final})")
+        assert _select("streaming", f"SELECT count(*) FROM {{d}}.latest_{name}") == _select(
+            "batch", f"SELECT count(*) FROM {{d}}.latest_{name}"), name
+    for name in ("detections", "dead_letters"):
+        assert _select("streaming", f"SELECT count(*) FROM {{d}}.{name}")[0][0] > 0, name
+    for name, record in OUTPUT_TABLES.items():
+        table = _client().get_table(f"{PROJECT}.streaming.{name}")
+        assert (table.time_partitioning.type_, table.time_partitioning.field) == ("DAY", record.partition_field)
+        assert table.clustering_fields == list(record.cluster_fields)
+
+
+def test_readme_analyst_queries_agree_with_duckdb_over_parquet(runs):
+    duckdb_queries, bigquery_queries = _readme_queries("Analysts: DuckDB"), _readme_queries("BigQuery")
+    assert len(duckdb_queries) == len(bigquery_queries) == 5
+    answered = 0
+    for duck_sql, bq_sql in zip(duckdb_queries, bigquery_queries):
+        expected = _duckdb_rows(runs["parquet"], duck_sql)
+        assert _bigquery_rows("batch", bq_sql) == expected, bq_sql
+        answered += bool(expected)
+    assert answered >= 3  # the hospital is big enough for most queries to return rows
