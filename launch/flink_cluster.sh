@@ -20,6 +20,7 @@
 #   MEDTWIN_FLINK_SLOTS      task slots of the TaskManager    [2]
 #   MEDTWIN_FLINK_TM_MEMORY  TaskManager process size         [1600m]
 #   MEDTWIN_FLINK_JM_MEMORY  JobManager process size          [800m]
+#   MEDTWIN_FLINK_START_TIMEOUT  seconds to wait for the slots  [240]
 #   MEDTWIN_RUNNERS          where `make runners` installed   [.runners]
 set -euo pipefail
 
@@ -31,7 +32,7 @@ RPC_PORT=${MEDTWIN_FLINK_RPC_PORT:-6123}
 SLOTS=${MEDTWIN_FLINK_SLOTS:-2}
 TM_MEMORY=${MEDTWIN_FLINK_TM_MEMORY:-1600m}
 JM_MEMORY=${MEDTWIN_FLINK_JM_MEMORY:-800m}
-START_TIMEOUT=120
+START_TIMEOUT=${MEDTWIN_FLINK_START_TIMEOUT:-240}
 CONF=$STATE/conf
 LOGS=$STATE/log
 
@@ -81,6 +82,9 @@ io.tmp.dirs: $STATE/tmp
 web.tmpdir: $STATE/tmp
 # Beam's classes are on the cluster's classpath already: the staged job-server jars must not shadow them.
 classloader.resolve-order: parent-first
+# Two JVMs, the job server and Python workers share a small machine: RPCs wait longer than Flink's 10 s.
+akka.ask.timeout: 60 s
+heartbeat.timeout: 120000
 EOF
     cat > "$CONF/log4j.properties" <<'EOF'
 rootLogger.level = INFO
@@ -98,7 +102,8 @@ EOF
 
 # Flink's own memory model: BashJavaUtils prints the JVM flags and the derived memory settings.
 resource_params() {  # $1: GET_TM_RESOURCE_PARAMS or GET_JM_RESOURCE_PARAMS
-    java -cp "$JAR" org.apache.flink.runtime.util.bash.BashJavaUtils "$1" --configDir "$CONF" 2>&1 \
+    java -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -cp "$JAR" org.apache.flink.runtime.util.bash.BashJavaUtils \
+        "$1" --configDir "$CONF" 2>&1 \
         | sed -n 's/^BASH_JAVA_UTILS_EXEC_RESULT://p'
 }
 
@@ -120,8 +125,11 @@ start() {
     mapfile -t OPENS < <(add_opens "$JAR")
     write_conf
     local jm tm started=$SECONDS
-    jm=$(resource_params GET_JM_RESOURCE_PARAMS)
-    tm=$(resource_params GET_TM_RESOURCE_PARAMS)
+    resource_params GET_JM_RESOURCE_PARAMS > "$CONF/jobmanager.params" &
+    resource_params GET_TM_RESOURCE_PARAMS > "$CONF/taskmanager.params"
+    wait
+    jm=$(cat "$CONF/jobmanager.params")
+    tm=$(cat "$CONF/taskmanager.params")
     [[ $(wc -l <<<"$jm") -ge 1 && $(wc -l <<<"$tm") -eq 2 ]] || die "Flink's BashJavaUtils gave no memory settings"
     launch jobmanager org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
         "$(sed -n 1p <<<"$jm")" "$(sed -n 2p <<<"$jm")"
