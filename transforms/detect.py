@@ -53,15 +53,15 @@ that step on GPU workers and the rest of the graph on ordinary ones (right fitti
         --gpu nvidia-tesla-t4 \\
         --sdk_container_image REGION-docker.pkg.dev/PROJECT/REPO/medtwin-gpu:TAG
 
-which adds ``--experiments=use_runner_v2`` and
-``--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver``
-and gives the inference step the same accelerator hint.
+which adds ``--experiments=use_runner_v2`` and gives the inference step that accelerator
+hint; it never sets the job-wide ``worker_accelerator`` service option, which Dataflow says
+not to combine with right fitting (tests/test_launch.py).
 
 ``use_runner_v2`` is required for GPUs and resource hints; ``install-nvidia-driver``
 makes Dataflow install the driver on the VM; the custom container must hold a CUDA
-build of torch/torchvision matching that driver (and this package).  The
-``worker_accelerator`` service option puts GPUs on every worker instead; with the
-resource hint alone only the hinted step gets them.  Use ``--number_of_worker_harness_threads``
+build of torch/torchvision matching that driver (and this package).  That
+service option would put GPUs on every worker; with the resource hint alone only the
+hinted step gets them.  Use ``--number_of_worker_harness_threads``
 or ``--experiments=no_use_multiple_sdk_containers`` to keep one model copy per GPU.
 On CUDA the forward pass runs under ``torch.autocast`` (float16).
 
