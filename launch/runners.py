@@ -4,6 +4,7 @@
     medtwin run --runner prism    # Beam's portable Prism runner (Go), as `make runners` built it
     medtwin run --runner flink    # Beam's Flink job server on an embedded Flink cluster ([local])
     medtwin run --runner flink --flink_master localhost:8081   # a running Flink 1.16 session cluster
+    # (launch/flink_cluster.sh start|stop|status runs one on this machine: JobManager and TaskManager JVMs)
 
 `make runners` builds Prism with ``go install`` from the Beam Go SDK module at the
 Beam version setup.py pins, and assembles Beam's Flink job server from Maven
