@@ -188,11 +188,14 @@ def read_dataset(data: bytes, config: DicomReadConfig) -> pydicom.Dataset:
 
 def _check_inflated_size(deflated: bytes, limit: int) -> None:
     """A Deflated dataset (PS3.5 A.5) is inflated whole by pydicom: bound it first (zip bombs)."""
-    try:
-        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(deflated, limit + 1)
+    inflater, pending, inflated = zlib.decompressobj(-zlib.MAX_WBITS), deflated, 0
+    try:  # counted in 1 MiB pieces, none kept: the check itself never holds the inflated dataset
+        while pending and inflated <= limit:
+            inflated += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
     except zlib.error as error:
         raise DicomRejected(CORRUPT_HEADER, f"deflated dataset: {error}") from None
-    if len(inflated) > limit:
+    if inflated > limit:
         raise DicomRejected(TOO_LARGE, f"the deflated dataset inflates to more than {limit} bytes")
 
 
