@@ -22,7 +22,7 @@ FLINK_DIR          := $(RUNNERS)/flink/beam-$(FLINK_BEAM_VERSION)-flink-$(FLINK_
 FLINK_JAR          := $(FLINK_DIR)/beam-flink-job-server.jar
 RUNNERS_MANIFEST   := $(RUNNERS)/runners.json
 
-.PHONY: install runners orthanc emulators test demo bench clean-demo
+.PHONY: install runners orthanc emulators test fuzz demo bench clean-demo
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -85,6 +85,11 @@ emulators: $(EMULATORS_STAMP)
 
 test: $(STAMP) $(RUNNERS_MANIFEST) $(ORTHANC) $(EMULATORS_STAMP)
 	$(PY) -m pytest -q tests
+
+# The long fuzz run (tests/fuzz: 5,000 examples per target; `make test` runs 60), under an 8 GiB
+# address-space limit so a decoder bomb fails the run instead of the machine.
+fuzz: $(STAMP)
+	ulimit -v 8388608 && HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q -p no:warnings tests/fuzz
 
 demo: $(STAMP) $(RUNNERS_MANIFEST)
 	rm -rf $(DEMO)
