@@ -230,7 +230,8 @@ def _final_without_pane_fields(rows):
 
 def _run_twin(streaming, parts, key, config, observations=()):
     """PatientTwin over `parts` (chunks in arrival order; streaming: the watermark follows each
-    chunk's last sample) -> (patient_twin rows, alerts), collected."""
+    chunk's last sample; an int part moves the watermark to that many microseconds) -> (patient_twin
+    rows, alerts), collected."""
     tags = (("rows", streaming), ("alerts", streaming))
     for tag in tags:
         _COLLECTED.pop(tag, None)
@@ -239,6 +240,9 @@ def _run_twin(streaming, parts, key, config, observations=()):
         if streaming:
             source = TestStream()
             for part in parts:
+                if isinstance(part, int):
+                    source = source.advance_watermark_to(Timestamp(micros=part))
+                    continue
                 source = source.add_elements([timestamped(key, part)]).advance_processing_time(20)
                 source = source.advance_watermark_to(Timestamp(micros=int(part.times_us[-1])))
             chunks = pipeline | source.advance_watermark_to_infinity()

@@ -39,6 +39,7 @@ from transforms.device_health import (
 )
 from transforms.device_stats import DeviceStatsFn, KnownVersions, advance_versions, heartbeat_features
 from transforms.panes import AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
+from transforms.twin_state import VersionedStateCoder
 from transforms.windowing import ApplyWindowPolicy, WindowPolicy
 
 ALERTS = "alerts"
@@ -58,6 +59,9 @@ class DeviceTwinConfig:
     policy: WindowPolicy = WindowPolicy(window_seconds=300, allowed_lateness_seconds=600, tick_seconds=60)
     risk: RiskConfig = RiskConfig()
     service_interval_days: float = 90.0
+
+
+STATE_LAYOUT = 1  # bump when a DeviceState field changes meaning (transforms/twin_state.py)
 
 
 @dataclasses.dataclass
@@ -81,7 +85,7 @@ class DeviceStateFn(beam.DoFn):
     """(device_id, ("pane", stats)) -> device_twin rows, and device alerts."""
 
     PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())
-    STATE = ReadModifyWriteStateSpec("state", PickleCoder())
+    STATE = ReadModifyWriteStateSpec("state", VersionedStateCoder(DeviceState, STATE_LAYOUT))
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, config: DeviceTwinConfig):

@@ -21,6 +21,7 @@ import json
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
+from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -31,6 +32,7 @@ from transforms.dead_letters import DEAD_LETTERS
 from transforms.decode import SampleChunk, to_micros
 from transforms.news2 import score_news2
 from transforms.panes import PANE, AttachPane, PendingWindows, as_datetime, final_pane_fields, window_fields
+from transforms.twin_state import VersionedStateCoder
 from transforms.vital_stats import CollectWindowedSamplesFn, VitalStatsFn, window_statistics
 from transforms.windowing import HORIZON, ApplyWindowPolicy, HoldUntilTheDataPasses, WindowPolicy, timer_time
 
@@ -51,6 +53,8 @@ class PatientTwinConfig:
       baseline_half_life_hours: half-life of the exponentially weighted baselines.
       stale_after_seconds: a sensor silent this long is stale.
       observation_max_age_hours: older nurse observations are not used for NEWS2.
+      retention_days: streaming: a patient silent this long (event time) is forgotten: its state
+        is cleared (a discharged patient costs nothing); one who comes back starts new baselines.
     """
 
     policy: WindowPolicy = WindowPolicy()
@@ -58,6 +62,10 @@ class PatientTwinConfig:
     baseline_half_life_hours: float = 6.0
     stale_after_seconds: int = 600
     observation_max_age_hours: float = 12.0
+    retention_days: float = 7.0
+
+
+HISTORY_LAYOUT = 1  # bump when a PatientHistory field changes meaning (transforms/twin_state.py)
 
 
 @dataclasses.dataclass
@@ -97,9 +105,10 @@ class PatientStateFn(beam.DoFn):
     """
 
     PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())
-    HISTORY = ReadModifyWriteStateSpec("history", PickleCoder())
+    HISTORY = ReadModifyWriteStateSpec("history", VersionedStateCoder(PatientHistory, HISTORY_LAYOUT))
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
     STALE = TimerSpec("stale", TimeDomain.WATERMARK)
+    RETENTION = TimerSpec("retention", TimeDomain.WATERMARK)
 
     def __init__(self, config: PatientTwinConfig):
         self._config = config
@@ -107,10 +116,12 @@ class PatientStateFn(beam.DoFn):
         window_hours = self._policy.window_seconds / 3600
         self._baseline_weight = 1 - 0.5 ** (window_hours / config.baseline_half_life_hours)
         self._stale_us = config.stale_after_seconds * 1_000_000
+        self._retention_us = int(config.retention_days * 86400 * 1_000_000)
+        self._forgotten = Metrics.counter("patient_twin", "patients_forgotten_after_retention")
 
     def process(self, element, pending_state=beam.DoFn.StateParam(PENDING),
                 history_state=beam.DoFn.StateParam(HISTORY), expiry=beam.DoFn.TimerParam(EXPIRY),
-                stale=beam.DoFn.TimerParam(STALE)):
+                stale=beam.DoFn.TimerParam(STALE), retention=beam.DoFn.TimerParam(RETENTION)):
         key, (kind, payload) = element
         history = history_state.read() or PatientHistory()
         if kind == OBSERVATION:
@@ -138,6 +149,7 @@ class PatientStateFn(beam.DoFn):
                 yield from (TaggedOutput(ALERTS, alert) for alert in self._stale_once(key, history))
             history.newest_sample_us = pane["last_sample_us"]
             stale.set(timer_time(history.newest_sample_us + self._stale_us))
+            retention.set(timer_time(history.newest_sample_us + self._retention_us))
         history_state.write(history)
 
     @on_timer(EXPIRY)
@@ -166,6 +178,21 @@ class PatientStateFn(beam.DoFn):
             yield from (TaggedOutput(ALERTS, TimestampedValue(alert, Timestamp(micros=fired.micros)))
                         for alert in self._stale_once(key, history))
             history_state.write(history)
+
+    @on_timer(RETENTION)
+    def on_retention(self, fired=beam.DoFn.TimestampParam, pending_state=beam.DoFn.StateParam(PENDING),
+                     history_state=beam.DoFn.StateParam(HISTORY), retention=beam.DoFn.TimerParam(RETENTION)):
+        history = history_state.read()
+        if history is None or history.newest_sample_us is None \
+                or history.newest_sample_us + self._retention_us > fired.micros:
+            return
+        pending = PendingWindows(self._policy, pending_state.read())
+        if pending.entries:   # windows still to finalise first (a runner may fire this timer before theirs)
+            retention.set(timer_time(max(fired.micros + 1000, *(pending.expiry_us(s) for s in pending.entries))))
+            return
+        history_state.clear()
+        pending_state.clear()
+        self._forgotten.inc()
 
     def _stale_once(self, key, history: PatientHistory):
         """The sensor_stale alert for the silence after ``history.newest_sample_us``, unless raised already."""
