@@ -53,11 +53,11 @@ def flink_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hospital_outputs(tmp_path_factory, flink_cluster):
-    """{"direct", "cluster": output folder} of one small hospital in batch."""
+    """{"direct", "cluster": output folder} of the runner matrix's hospital (it has X-rays with lesions), batch."""
     root = tmp_path_factory.mktemp("cluster-job")
     hospital = root / "in"
-    assert main(["simulate", "--out", str(hospital), "--patients", "4", "--devices", "2", "--hours", "1",
-                 "--seed", "11", "--corrupt-fraction", "0.01"]) == 0
+    assert main(["simulate", "--out", str(hospital), "--patients", "6", "--devices", "2", "--hours", "1",
+                 "--seed", "7", "--corrupt-fraction", "0.01"]) == 0
     common = ["--input", str(hospital), "--demo", "--model_per_process"]
     assert main(["run", *common, "--output", str(root / "direct")]) == 0
     assert main(["launch", *common, "--output", str(root / "cluster"), "--engine", "flink",
