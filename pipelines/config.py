@@ -138,7 +138,7 @@ class JobConfig:
                             # tests only: the Parquet write steps fail once per bundle (bundle retries)
                             fail_once_dir=os.environ.get(FAIL_ONCE_ENV) or None),
             patient=PatientTwinConfig(policy=patient_policy, expected_sample_seconds=args.expected_sample_seconds,
-                                      stale_after_seconds=args.stale_after),
+                                      stale_after_seconds=args.stale_after, retention_days=args.retention_days),
             device=device,
             imaging=None,
             key_reference=resolve_key_reference(
@@ -281,6 +281,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       help="wearable sampling interval, for completeness, 0.01-3600 [%(default)s]")
     twin.add_argument("--stale_after", type=Bounded(int, 1, 30 * _DAY, "seconds"), default=600,
                       help="sensor stale after this silence, s, 1-2592000 [%(default)s]")
+    twin.add_argument("--retention_days", type=Bounded(float, 1, 3650, "days"), default=7.0,
+                      help="streaming: a patient silent this long is forgotten (state cleared), 1-3650 [%(default)s]")
     twin.add_argument("--service_interval_days", type=Bounded(float, 0.01, 3650, "days"), default=90.0,
                       help="device maintenance due after this many days, 0.01-3650 [%(default)s]")
 
