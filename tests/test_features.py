@@ -205,8 +205,48 @@ def test_a_row_whose_features_fail_is_a_dead_letter_and_passes_on_unfeatured(his
     with beam.Pipeline() as pipeline:
         out = pipeline | beam.Create([broken, *rows[1:]]) | F.ApplyFeatures("patient", artifacts["direct"])
         assert_that(out["featured"] | beam.Map(lambda pair: (pair[0]["window_start"], pair[1] is None,
-                                                             "features_version" in pair[0])),
+                                                             pair[0].get("features_version") is not None)),
                     equal_to([(broken["window_start"], True, False)]
                              + [(r["window_start"], False, True) for r in rows[1:]]))
         assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: (d["stage"], d["reason"], d["record_count"])),
                     equal_to([("features_patient", "feature transform failed: ValueError", 1)]), label="Dead")
+
+
+def test_the_twin_pipeline_with_learned_models_names_versions_and_scores_every_featured_row(
+        history, artifacts, tmp_path):
+    """build_pipeline(learned=...) over the history's hospital: every featured twin row names the artifact
+    and model versions, and its risk equals the model applied to the artifact's features outside Beam."""
+
+    from model import risk
+    from pipelines.backtest import run_seed
+    from pipelines.train_risk import final_rows, truth
+    artifact = F.FeatureArtifact(artifacts["direct"])
+    hospital = history.rsplit("/", 1)[0] + "/h"
+    facts = truth(hospital)
+    models = {}
+    for subject in F.SUBJECTS:
+        rows, inputs = _complete(subject, _final_rows(history, f"{subject}_twin"))
+        x = artifact.transform(subject, inputs)
+        key = F.KEYS[subject]
+        events = facts["failures"] if subject == "device" else {k: v[0] for k, v in facts["deterioration"].items()}
+        y = [int(r[key] in events and r["window_end"] + dt.timedelta(hours=1) >= events[r[key]]) for r in rows]
+        if len(set(y)) < 2:   # a hospital this small may lack an event: any two classes will do here
+            y = [int(i % 2) for i in range(len(rows))]
+        path = str(tmp_path / f"{subject}.safetensors")
+        risk.save(risk.train(x, np.array(y)), path, {"subject": subject, "feature_names": list(artifact.names(subject)),
+                                                   "features_version": artifact.version, "threshold": 0.5,
+                                                   "horizon_hours": 1.0, "train_seeds": [21], "validation_seeds": []})
+        models[subject] = path
+    out = str(tmp_path / "out")
+    run_seed(hospital, out, models, artifacts["direct"])
+    for subject in F.SUBJECTS:
+        module, metadata = risk.load(models[subject])
+        rows = final_rows(out, f"{subject}_twin")
+        complete, inputs = _complete(subject, rows)
+        assert complete and all(r["features_version"] == artifact.version for r in complete)
+        assert all(r["risk_model_version"] == metadata["model_version"] for r in complete)
+        column = risk.RISK_COLUMNS[subject]
+        np.testing.assert_allclose([r[column] for r in complete],
+                                   risk.predict(module, artifact.transform(subject, inputs)), atol=1e-4)
+        assert all(r[column] is None and r["features_version"] is None for r in rows
+                   if F.raw_inputs(subject, r) is None)
