@@ -83,7 +83,7 @@ $(EMULATORS_STAMP):
 
 emulators: $(EMULATORS_STAMP)
 
-test: $(STAMP) $(RUNNERS_MANIFEST) $(ORTHANC) $(EMULATORS_STAMP)
+test: $(STAMP) runners $(ORTHANC) $(EMULATORS_STAMP)
 	$(PY) -m pytest -q tests
 
 # The long fuzz run (tests/fuzz: 5,000 examples per target; `make test` runs 60), under an 8 GiB
