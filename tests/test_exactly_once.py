@@ -1,7 +1,7 @@
 """Nothing lost, nothing doubled: the Parquet commit protocol under backfills, re-runs, restarts and retries.
 
 One small hospital that crosses midnight (6 patients, 2 devices, 23:30 to 00:30 UTC) runs on the real
-runners, through the session's Prism and Flink job services (`test_runners.job_endpoints`):
+runners, through the session's Prism and Flink job services (`job_endpoints` in tests/conftest.py):
 
 * a backfill of both days (one batch job per day) equals one batch run over the same landing, every
   row of every table, baselines included (issue 12: a two-day backfill kept 200 of 1,199 patient_twin
@@ -29,7 +29,6 @@ from pipelines.cli import main
 from pipelines.config import FAIL_ONCE_ENV
 from pipelines.query import connect
 from schemas import OUTPUT_TABLES
-from test_runners import job_endpoints  # noqa: F401 (the session's Prism and Flink job services)
 from transforms.parquet_sink import COMMIT_MARKER, commit_partition, row_identity
 
 DAYS = ("2026-03-01", "2026-03-02")

@@ -22,13 +22,11 @@ compared with that one exception, the real runners' exactly.
 
 import datetime as dt
 import json
-import socket
-import subprocess
-import time
 
 import pytest
 
-from launch.runners import installed_path
+from job_services import free_port as _free_port  # noqa: F401 (other test modules import these names here)
+from job_services import wait_for_port as _wait_for_port  # noqa: F401
 from pipelines.cli import main
 from pipelines.query import connect
 from transforms.triage import UNKNOWN_DEVICE_STATE
@@ -37,46 +35,6 @@ RUNNERS = ("direct", "prism", "flink")
 MODES = ("batch", "streaming")
 PANE_FIELDS = ("pane_index", "pane_timing")
 RUNTIME_DETECTION_FIELDS = ("inference_latency_ms", "batch_size")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"job service exited with {process.returncode}"
-        with socket.socket() as probe:
-            if probe.connect_ex(("localhost", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"no job service on port {port} after {seconds} s")
-
-
-@pytest.fixture(scope="session")
-def job_endpoints(tmp_path_factory):
-    """{runner: ``--job_endpoint`` value}: one Prism and one Flink job service for the session."""
-    logs = tmp_path_factory.mktemp("job-services")
-    prism_port, flink_port = _free_port(), _free_port()
-    commands = {
-        "prism": [installed_path("prism"), "--job_port", str(prism_port), "--serve_http=false"],
-        "flink": ["java", "-jar", installed_path("flink_job_server_jar"), "--flink-master", "[local]",
-                  "--job-port", str(flink_port), "--artifact-port", "0", "--expansion-port", "0",
-                  "--artifacts-dir", str(logs / "artifacts")],
-    }
-    processes = {name: subprocess.Popen(command, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
-                 for name, command in commands.items()}
-    try:
-        _wait_for_port(prism_port, processes["prism"])
-        _wait_for_port(flink_port, processes["flink"])
-        yield {"prism": f"localhost:{prism_port}", "flink": f"localhost:{flink_port}"}
-    finally:
-        for process in processes.values():
-            process.terminate()
-            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,35 @@
+"""Session fixtures every test module shares: one Prism and one Flink job service per test session.
+
+Starting a runner costs seconds (Prism) to a minute (the Flink JVM on 2 busy cores), so they are
+started once, here, and every module that submits jobs asks for ``job_endpoints``.
+"""
+
+import subprocess
+
+import pytest
+
+from job_services import free_port, wait_for_port
+from launch.runners import installed_path
+
+
+@pytest.fixture(scope="session")
+def job_endpoints(tmp_path_factory):
+    """{runner: ``--job_endpoint`` value}: one Prism and one Flink job service for the session."""
+    logs = tmp_path_factory.mktemp("job-services")
+    prism_port, flink_port = free_port(), free_port()
+    commands = {
+        "prism": [installed_path("prism"), "--job_port", str(prism_port), "--serve_http=false"],
+        "flink": ["java", "-jar", installed_path("flink_job_server_jar"), "--flink-master", "[local]",
+                  "--job-port", str(flink_port), "--artifact-port", "0", "--expansion-port", "0",
+                  "--artifacts-dir", str(logs / "artifacts")],
+    }
+    processes = {name: subprocess.Popen(command, stdout=open(logs / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+                 for name, command in commands.items()}
+    try:
+        wait_for_port(prism_port, processes["prism"])
+        wait_for_port(flink_port, processes["flink"])
+        yield {"prism": f"localhost:{prism_port}", "flink": f"localhost:{flink_port}"}
+    finally:
+        for process in processes.values():
+            process.terminate()
+            process.wait(timeout=30)
