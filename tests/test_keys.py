@@ -177,4 +177,5 @@ def test_b19_every_numeric_job_flag_has_a_range():
     assert {a.dest for a in numeric} >= {"window", "expected_sample_seconds", "service_interval_days", "gate_tick"}
     for action in numeric:
         assert isinstance(action.type, Bounded), action.option_strings
-        assert action.type(str(action.default)) == action.default  # every default is inside its range
+        if action.default is not None:   # None: an optional flag, off unless given
+            assert action.type(str(action.default)) == action.default  # every default is inside its range
