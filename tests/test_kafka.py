@@ -21,8 +21,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 import test_pipeline as accounting  # its counting helpers, as a module: none of its fixtures come along
-from launch.kafka.local import KafkaBroker, KafkaIOServices, free_port, wait_for_port
-from launch.runners import installed_path
+from launch.kafka.local import KafkaBroker, KafkaIOServices
 from pipelines.cli import main
 from pipelines.query import connect
 from transforms.sources import KAFKA_ARRIVAL_HEADER, STREAMS, landed_records
@@ -39,21 +38,9 @@ def kafka(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prism(tmp_path_factory):
-    """``--job_endpoint`` of one Prism job service for the session (as tests/test_runners.py starts it)."""
-    import subprocess
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("prism") / "prism.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([installed_path("prism"), "--job_port", str(port), "--serve_http=false"],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, process, "Prism")
-        yield f"localhost:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def prism(job_endpoints):
+    """``--job_endpoint`` of the session's Prism job service (tests/conftest.py)."""
+    return job_endpoints["prism"]
 
 
 @pytest.fixture(scope="module")
