@@ -516,7 +516,8 @@ class ToDetectionRowsFn(beam.DoFn):
                                 model_version=model_version, score_threshold=self._threshold)
         except Exception as error:  # a reference missing a field the row needs, a bad scale...
             yield TaggedOutput(DEAD_LETTERS, TimestampedValue(
-                reference_dead_letter(STAGE, f"detection row: {type(error).__name__}: {error}",
+                # the error's text may quote a reference value: only its type is named
+                reference_dead_letter(STAGE, f"detection row could not be built ({type(error).__name__})",
                                       _reference_of(study), at), at))
             return
         self._rows.inc()
