@@ -80,6 +80,7 @@ blob.server.port: 0
 parallelism.default: 1
 io.tmp.dirs: $STATE/tmp
 web.tmpdir: $STATE/tmp
+state.backend.rocksdb.log.dir: $STATE/tmp
 # Beam's classes are on the cluster's classpath already: the staged job-server jars must not shadow them.
 classloader.resolve-order: parent-first
 # Two JVMs, the job server and Python workers share a small machine: RPCs wait longer than Flink's 10 s.
@@ -92,7 +93,6 @@ rootLogger.appenderRef.file.ref = MainAppender
 appender.main.name = MainAppender
 appender.main.type = File
 appender.main.fileName = ${sys:log.file}
-appender.main.append = false
 appender.main.layout.type = PatternLayout
 appender.main.layout.pattern = %d{yyyy-MM-dd HH:mm:ss,SSS} %-5p %-60c %x - %m%n
 logger.akka.name = akka
@@ -109,6 +109,7 @@ resource_params() {  # $1: GET_TM_RESOURCE_PARAMS or GET_JM_RESOURCE_PARAMS
 
 launch() {  # $1: jobmanager or taskmanager, $2: main class, $3: JVM memory flags, $4: dynamic properties
     local name=$1
+    : > "$LOGS/$name.log"  # a fresh log per start; appended to, since a second log4j context opens it at shutdown
     # shellcheck disable=SC2086  # the flags are word lists
     nohup java $3 "${OPENS[@]}" "${EXPORTS[@]}" -Dlog.file="$LOGS/$name.log" -Dlog4j.configurationFile="file:$CONF/log4j.properties" \
         -cp "$JAR" "$2" --configDir "$CONF" $4 > "$LOGS/$name.out" 2>&1 < /dev/null &
