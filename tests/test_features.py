@@ -6,7 +6,6 @@ starts it); the applied statistics are compared with numpy over the same final r
 """
 
 import datetime as dt
-import subprocess
 
 import apache_beam as beam
 import numpy as np
@@ -15,27 +14,16 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 
-from launch.runners import installed_path
 from pipelines.cli import main
 from pipelines.query import connect
-from tests.test_runners import _free_port, _wait_for_port
 from transforms import features as F
 from transforms.dead_letters import DEAD_LETTERS
 
 
 @pytest.fixture(scope="session")
-def prism_endpoint(tmp_path_factory):
-    """A Prism job service for the session: ``host:port``."""
-    log = tmp_path_factory.mktemp("prism") / "prism.log"
-    port = _free_port()
-    process = subprocess.Popen([installed_path("prism"), "--job_port", str(port), "--serve_http=false"],
-                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    try:
-        _wait_for_port(port, process)
-        yield f"localhost:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def prism_endpoint(job_endpoints):
+    """The session's Prism job service (tests/conftest.py): ``host:port``."""
+    return job_endpoints["prism"]
 
 
 def prism_args(endpoint: str) -> list[str]:
