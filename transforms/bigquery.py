@@ -28,8 +28,9 @@ error BigQuery gave for it, and the rest are written. Any other error (quota,
 5xx, network) raises, and the runner retries the bundle.
 
 Why not Beam's `WriteToBigQuery`: FILE_LOADS stages files on GCS and appends
-(re-running a day doubled it); STREAMING_INSERTS dedupes only best-effort and
-creates tables through a client that ignores ``BIGQUERY_EMULATOR_HOST``;
+(re-running a day doubled it); STREAMING_INSERTS dedupes only best-effort
+(``insertId``), and the emulator's insertAll accepts NULL in REQUIRED columns and
+ignores ``insertId``, so neither rejections nor dedup could be tested on it;
 STORAGE_WRITE_API is a cross-language Java transform (an expansion service jar
 and a Java environment; its Beam-row encoding failed on our timestamps:
 ``'str' object has no attribute 'micros'``). None of them replaces a partition.
