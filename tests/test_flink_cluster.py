@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from test_runners import PANE_FIELDS, _alerts, _dead_letter_counts, _free_port, _rows
+from job_services import free_port as _free_port
+from test_runners import PANE_FIELDS, _alerts, _dead_letter_counts, _rows
 
 SCRIPT = Path(__file__).resolve().parent.parent / "launch" / "flink_cluster.sh"
 
