@@ -22,7 +22,6 @@ import uuid
 
 import apache_beam as beam
 
-from schemas import OUTPUT_TABLES, RecordDef
 from transforms.bigquery import WriteBigQueryTables
 from transforms.parquet_sink import WriteParquetTables, partition_date  # noqa: F401 (partition_date: re-exported)
 
