@@ -8,7 +8,8 @@ from pipelines.config import JobConfig
 from pipelines.graph import build_pipeline
 
 
-COMMANDS = ["simulate", "run", "query", "report", "train", "evaluate", "backfill", "launch", "publish"]
+COMMANDS = ["simulate", "run", "query", "report", "train", "evaluate", "backfill", "launch", "publish", "train-risk",
+            "backtest"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
