@@ -48,25 +48,22 @@ def layout_arrival(path: str) -> dt.datetime | None:
     date that does not exist (``2026-13-45``) or an hour outside 00..23 is None, never an exception.
     """
     match = _LAYOUT.search(path.replace("\\", "/"))
-    if not match:
+    if not match or int(match.group(2)) > 23:
         return None
-    try:
-        day = dt.date.fromisoformat(match.group(1))
-    except ValueError:
-        return None
-    hour = int(match.group(2))
-    if hour > 23:
-        return None
-    return dt.datetime(day.year, day.month, day.day, hour, tzinfo=dt.timezone.utc)
+    day = _real_day(match.group(1))
+    return None if day is None else day + dt.timedelta(hours=int(match.group(2)))
 
 
 def partition_day(path: str) -> dt.datetime | None:
     """Midnight of the ``date=`` folder a path lies in, when that folder names a real day."""
     match = _DAY.search(path.replace("\\", "/"))
-    if not match:
-        return None
+    return _real_day(match.group(1)) if match else None
+
+
+def _real_day(text: str) -> dt.datetime | None:
+    """Midnight UTC of a ``YYYY-MM-DD`` that names a real day, else None (``2026-13-45``)."""
     try:
-        day = dt.date.fromisoformat(match.group(1))
+        day = dt.date.fromisoformat(text)
     except ValueError:
         return None
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
