@@ -171,8 +171,10 @@ class FailOncePerBundle:
 
 # ----------------------------------------------------------------------------------------------- batch
 
-class _WriteStagedFileFn(beam.DoFn):
-    """((date, shard), rows) -> (table, date, shard, temporary path) of the file written with them."""
+class _PartitionFileFn(beam.DoFn):
+    """What both writers share: the table, the output root, the job, and the test-only fault injector."""
+
+    FAULT_STAGE = ""
 
     def __init__(self, table: RecordDef, root: str, job_id: str, fail_once_dir: str | None):
         self._table = table
@@ -182,10 +184,16 @@ class _WriteStagedFileFn(beam.DoFn):
 
     def setup(self):
         self._schema = arrow_schema(self._table)
-        self._faults = FailOncePerBundle(self._fail_once_dir, f"stage:{self._table.name}")
+        self._faults = FailOncePerBundle(self._fail_once_dir, f"{self.FAULT_STAGE}:{self._table.name}")
 
     def start_bundle(self):
         self._faults.start_bundle()
+
+
+class _WriteStagedFileFn(_PartitionFileFn):
+    """((date, shard), rows) -> (table, date, shard, temporary path) of the file written with them."""
+
+    FAULT_STAGE = "stage"
 
     def process(self, element):
         (date, shard), rows = element
@@ -295,23 +303,15 @@ class _CommitPartitionsFn(beam.DoFn):
 
 # ------------------------------------------------------------------------------------------- streaming
 
-class _AppendFlushFn(beam.DoFn):
+class _AppendFlushFn(_PartitionFileFn):
     """((date, shard), rows) -> the path of the file written with the rows the partition lacks, if any."""
 
-    def __init__(self, table: RecordDef, root: str, job_id: str, fail_once_dir: str | None):
-        self._table = table
-        self._root = root
-        self._job_id = job_id
-        self._fail_once_dir = fail_once_dir
+    FAULT_STAGE = "flush"
 
     def setup(self):
-        self._schema = arrow_schema(self._table)
-        self._faults = FailOncePerBundle(self._fail_once_dir, f"flush:{self._table.name}")
+        super().setup()
         self._read = {}   # date -> paths whose identities are in self._known[date]
         self._known = {}  # date -> identities the partition holds
-
-    def start_bundle(self):
-        self._faults.start_bundle()
 
     def _held(self, date: str) -> set:
         """Identities of the rows in the partition's files, reading only files not read before."""
