@@ -140,7 +140,7 @@ start() {
         for name in jobmanager taskmanager; do
             alive $name || { stop >/dev/null; die "the $name exited; see $LOGS/$name.out and $LOGS/$name.log"; }
         done
-        if overview | grep -q "\"slots-available\":$SLOTS"; then
+        if [[ "$(overview || true)" == *"\"slots-available\":$SLOTS"* ]]; then
             echo "flink_cluster: up in $(( SECONDS - started )) s: --flink_master localhost:$REST_PORT ($SLOTS slots; logs in $LOGS)"
             return 0
         fi

@@ -37,7 +37,7 @@ install() {
     for package in $closure; do
         case "$SKIP" in *" $package "*) continue ;; esac
         if [[ " ${PACKAGES[*]} " == *" $package "* ]] || \
-           ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+           [[ "$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)" != *"install ok installed"* ]]; then
             wanted+=("$package")
         fi
     done
@@ -53,7 +53,9 @@ install() {
         echo "orthanc: unresolved shared libraries:"$'\n'"$missing" >&2
         exit 1
     fi
-    LD_LIBRARY_PATH="$(library_path "$dir")" "$dir/root/usr/sbin/Orthanc" --version | head -1
+    # Whole output captured, then cut: `| head -1` closes the pipe early and pipefail turns SIGPIPE into exit 141.
+    local version; version="$(LD_LIBRARY_PATH="$(library_path "$dir")" "$dir/root/usr/sbin/Orthanc" --version)"
+    echo "${version%%$'\n'*}"
     touch "$dir/root/usr/sbin/Orthanc"  # dpkg -x keeps the package's dates: make would install again
     echo "orthanc: installed in $dir"
 }
@@ -65,7 +67,7 @@ run() {
     exec "$dir/root/usr/sbin/Orthanc" "$config"
 }
 
-plugin() { ls "$1"/root/usr/lib/orthanc/libOrthancDicomWeb.so.* | head -1; }
+plugin() { local found=("$1"/root/usr/lib/orthanc/libOrthancDicomWeb.so.*); echo "${found[0]}"; }
 
 start() {
     local dir; dir="$(realpath -m "${1:-$DEFAULT_DIR}")"
