@@ -6,6 +6,7 @@ Synthetic radiographs with known lesion boxes go through the shipped tiny cascad
 import datetime as dt
 import math
 import re
+import shutil
 import time
 
 import apache_beam as beam
@@ -136,9 +137,13 @@ def test_a_worker_without_the_launchers_path_loads_the_shipped_checkpoint_of_tha
 
 
 def test_a_worker_with_other_weights_than_the_job_was_built_for_refuses_to_load(tmp_path):
-    faster = "model/weights/faster_rcnn_tiny.safetensors"
-    handler = CascadeModelHandler(cpu_config())
-    handler._config = cpu_config(weights_path=faster)   # what the worker finds under the job's path
+    job_path = tmp_path / "detector.safetensors"
+    shutil.copyfile(WEIGHTS, job_path)
+    shutil.copyfile(WEIGHTS.replace(".safetensors", ".json"), tmp_path / "detector.json")
+    handler = CascadeModelHandler(cpu_config(weights_path=str(job_path)))
+    # What the worker finds under the job's path: another checkpoint (its own manifest beside it).
+    shutil.copyfile("model/weights/faster_rcnn_tiny.safetensors", job_path)
+    shutil.copyfile("model/weights/faster_rcnn_tiny.json", tmp_path / "detector.json")
     with pytest.raises(ValueError, match="the job was built for"):
         handler.load_model()
 
