@@ -1,5 +1,8 @@
 """The watch source reads a landed file only once it is complete, whole and once, at a fixed arrival.
 
+It runs on Prism (the session's job service, LOOPBACK workers in this process): the DirectRunner
+does not wait out an SDF's deferred polls, so its watch ends at once, before any file lands.
+
 A file is written in two halves with a pause between them while the pipeline watches; its
 completion marker lands after the second half. Every line must come out exactly once, and a file
 that never got its marker must not be read at all.
@@ -11,6 +14,7 @@ import threading
 import time
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.sources import COMPLETION_SUFFIX, WatchLandingDirectory
 
@@ -23,16 +27,18 @@ def _append(record, path):
         out.write(json.dumps([record.source, record.payload.decode(), record.arrival_time.isoformat()]) + "\n")
 
 
-def _watch(root, out, seconds):
-    """Runs the watch for `seconds` of wall clock; each record's (source, arrival) goes to `out`."""
-    with beam.Pipeline() as pipeline:
+def _watch(root, out, seconds, job_endpoint):
+    """Runs the watch on Prism for `seconds` of wall clock; each record's (source, arrival) goes to `out`."""
+    options = PipelineOptions(runner="PortableRunner", job_endpoint=job_endpoint, environment_type="LOOPBACK",
+                              streaming=True)
+    with beam.Pipeline(options=options) as pipeline:
         (pipeline
          | WatchLandingDirectory(str(root), "wearables", interval_seconds=0.5, stop_timestamp=time.time() + seconds)
          | beam.Map(_append, str(out)))
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def test_a_file_written_in_two_halves_is_read_once_whole(tmp_path):
+def test_a_file_written_in_two_halves_is_read_once_whole(tmp_path, job_endpoints):
     day = tmp_path / "in" / "wearables" / "date=2026-03-02"
     day.mkdir(parents=True)
     landing = day / "wearables-06.jsonl"
@@ -50,7 +56,7 @@ def test_a_file_written_in_two_halves_is_read_once_whole(tmp_path):
     writer = threading.Thread(target=upload)
     writer.start()
     try:
-        records = _watch(tmp_path / "in", tmp_path / "out.txt", seconds=8)
+        records = _watch(tmp_path / "in", tmp_path / "out.txt", seconds=8, job_endpoint=job_endpoints["prism"])
     finally:
         writer.join()
     assert sorted(payload for _, payload, _ in records) == sorted(LINES)  # once each: no half read, no re-read

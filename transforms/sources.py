@@ -338,6 +338,7 @@ class WatchLandingDirectory(beam.PTransform):
         markers = [
             pipeline | f"WatchMarkers_{ext}" >> fileio.MatchContinuously(
                 stream_pattern(root, self._stream, ext) + COMPLETION_SUFFIX, interval=self._interval,
+                start_timestamp=Timestamp.now(),  # its default is fixed when Beam's fileio is imported
                 stop_timestamp=MAX_TIMESTAMP if self._stop is None else Timestamp.of(self._stop))
             for ext in ("jsonl", "avro")
         ]
