@@ -44,9 +44,10 @@ class SourceConfig:
       input_dir: landed files root, for files/replay/watch.
       subscriptions: stream -> Pub/Sub subscription, for pubsub.
       kafka_bootstrap, topics: Kafka servers and stream -> topic, for kafka.
-      kafka_group, kafka_expansion_service, kafka_max_read_seconds: the consumer group whose committed
-        offsets a restarted job resumes from; Beam's Kafka IO expansion service (None: Beam's default
-        jar); a bounded read for tests and demos (see `transforms.sources.ReadKafkaStream`).
+      kafka_group, kafka_expansion_service, kafka_max_read_seconds, kafka_read_to_end: the consumer group
+        whose committed offsets a restarted job resumes from; Beam's Kafka IO expansion service (None:
+        Beam's default jar); bounded reads for catch-up jobs, tests and demos (see
+        `transforms.sources.ReadKafkaStream`).
       replay_step_seconds, replay_watermark_lag_seconds: replay pacing (see `ReplayLandedFiles`).
       replay_test_clock: the replay advances processing time with its steps; off on runners
         that refuse it (Flink), where the live clock runs (`launch.runners.has_test_clock`).
@@ -61,6 +62,7 @@ class SourceConfig:
     kafka_group: str = "medtwin"
     kafka_expansion_service: str | None = None
     kafka_max_read_seconds: int | None = None
+    kafka_read_to_end: bool = False
     topics: dict = dataclasses.field(default_factory=dict)
     replay_step_seconds: int = 60
     replay_watermark_lag_seconds: int = 600
@@ -127,7 +129,7 @@ class JobConfig:
                 subscriptions={s: getattr(args, f"pubsub_{s}") for s in STREAMS if getattr(args, f"pubsub_{s}")},
                 kafka_bootstrap=args.kafka_bootstrap, kafka_group=args.kafka_group,
                 kafka_expansion_service=args.kafka_expansion_service,
-                kafka_max_read_seconds=args.kafka_max_read_seconds,
+                kafka_max_read_seconds=args.kafka_max_read_seconds, kafka_read_to_end=args.kafka_read_to_end,
                 topics={s: getattr(args, f"kafka_{s}") for s in STREAMS if getattr(args, f"kafka_{s}")},
                 replay_step_seconds=args.replay_step, replay_watermark_lag_seconds=args.replay_watermark_lag,
                 replay_test_clock=test_clock,
@@ -256,7 +258,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--kafka_expansion_service", metavar="HOST:PORT",
                     help="Beam Kafka IO expansion service (launch/kafka/local.py starts one) [Beam's own jar]")
     io.add_argument("--kafka_max_read_seconds", type=SECONDS, metavar="S",
-                    help="tests and demos: stop reading Kafka after S seconds, then close every window")
+                    help="stop reading Kafka after S seconds, then close every window (tests, demos)")
+    io.add_argument("--kafka_read_to_end", action="store_true",
+                    help="read each topic's backlog at launch (from the group's committed offsets) and stop, "
+                         "then close every window: a catch-up job, tests, demos")
     io.add_argument("--replay_step", type=SECONDS, default=60,
                     help="replay: seconds of arrival per step, 1-86400 [%(default)s]")
     io.add_argument("--replay_watermark_lag", type=Bounded(int, 0, 7 * _DAY, "seconds"), default=600,

@@ -71,7 +71,8 @@ class ReadStreams(beam.PTransform):
             elif source.kind == "kafka" and stream in source.topics:
                 reader = ReadKafkaStream(source.kafka_bootstrap, source.topics[stream], group_id=source.kafka_group,
                                          expansion_service=source.kafka_expansion_service,
-                                         max_read_seconds=source.kafka_max_read_seconds)
+                                         max_read_seconds=source.kafka_max_read_seconds,
+                                         read_to_end=source.kafka_read_to_end)
             else:
                 streams[stream] = pipeline | f"No_{stream}" >> beam.Create([])
                 continue

@@ -443,6 +443,28 @@ def kafka_to_raw(record, topic: str) -> RawRecord:
     return RawRecord(f"kafka:{topic}/{record.partition}@{record.offset}", payload, _kafka_arrival(record))
 
 
+def kafka_backlog(bootstrap_servers: str, topic: str, group_id: str, timeout_seconds: float = 30) -> int:
+    """Records of `topic` that consumer group `group_id` has yet to read, summed over partitions: from
+    its committed offset (the earliest retained one where it has none) to the end, at this moment."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": group_id,
+                         "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_seconds).topics[topic]
+        if metadata.error is not None:
+            raise ValueError(f"Kafka topic {topic}: {metadata.error}")
+        partitions = [TopicPartition(topic, p) for p in metadata.partitions]
+        backlog = 0
+        for committed in consumer.committed(partitions, timeout=timeout_seconds):
+            low, high = consumer.get_watermark_offsets(committed, timeout=timeout_seconds)
+            start = committed.offset if committed.offset >= 0 else low  # negative: the group has none
+            backlog += max(0, high - max(start, low))
+        return backlog
+    finally:
+        consumer.close()
+
+
 class ReadKafkaStream(beam.PTransform):
     """Flink/Prism: a Kafka topic -> RawRecord. Flags: ``--kafka_bootstrap host:9092 --kafka_<stream>=topic``.
 
@@ -454,22 +476,29 @@ class ReadKafkaStream(beam.PTransform):
         runner finalizes the bundle that read them (``commit_offset_in_finalize``); a group with no
         committed offset starts at the earliest one (``auto.offset.reset=earliest``), so a restarted
         job resumes where the last finalized bundle ended;
-      * `max_read_seconds` (tests, demos) bounds the read, so the job ends and every window closes.
+      * a bounded read, so the job ends and every window closes: `read_to_end` reads the backlog the
+        group has at launch (`kafka_backlog`, Beam's ``max_num_records``) and stops; `max_read_seconds`
+        stops after that long (whichever comes first). For catch-up jobs, tests and demos.
     """
 
     def __init__(self, bootstrap_servers: str, topic: str, *, group_id: str = KAFKA_GROUP,
-                 expansion_service: str | None = None, max_read_seconds: int | None = None):
+                 expansion_service: str | None = None, max_read_seconds: int | None = None,
+                 read_to_end: bool = False):
         super().__init__()
         self._bootstrap = bootstrap_servers
         self._topic = topic
         self._group = group_id
         self._expansion_service = expansion_service
         self._max_read_seconds = max_read_seconds
+        self._read_to_end = read_to_end
 
     def expand(self, pipeline):
         from apache_beam.io.kafka import ReadFromKafka
 
         topic = self._topic
+        max_records = kafka_backlog(self._bootstrap, topic, self._group) if self._read_to_end else None
+        if max_records == 0:  # nothing to read: Beam's bounded Kafka read would wait out its time limit
+            return pipeline | "NothingInKafka" >> beam.Create([], reshuffle=False).with_output_types(RawRecord)
         return (
             pipeline
             | "ReadKafka" >> ReadFromKafka(
@@ -477,6 +506,6 @@ class ReadKafkaStream(beam.PTransform):
                                  "auto.offset.reset": "earliest", "enable.auto.commit": "false"},
                 topics=[topic], with_metadata=True, commit_offset_in_finalize=True,
                 timestamp_policy=ReadFromKafka.create_time_policy, max_read_time=self._max_read_seconds,
-                expansion_service=self._expansion_service)
+                max_num_records=max_records, expansion_service=self._expansion_service)
             | "ToRawRecord" >> beam.Map(lambda record: kafka_to_raw(record, topic))
         )
