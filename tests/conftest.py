@@ -1,4 +1,5 @@
-"""Session fixtures every test module shares: one Prism and one Flink job service per test session.
+"""Session fixtures every test module shares: one Prism and one Flink job service per test session,
+and the runner matrix's hospital and runs.
 
 Starting a runner costs seconds (Prism) to a minute (the Flink JVM on 2 busy cores), so they are
 started once, here, and every module that submits jobs asks for ``job_endpoints``.
@@ -10,6 +11,7 @@ import pytest
 
 from job_services import free_port, wait_for_port
 from launch.runners import installed_path
+from runner_matrix import RunnerMatrix
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +35,9 @@ def job_endpoints(tmp_path_factory):
         for process in processes.values():
             process.terminate()
             process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def matrix(tmp_path_factory, job_endpoints):
+    """The runner matrix (tests/runner_matrix.py): ``matrix[runner, mode]`` is that run's output folder."""
+    return RunnerMatrix(tmp_path_factory.mktemp("matrix"), job_endpoints)

@@ -53,17 +53,14 @@ def flink_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hospital_outputs(tmp_path_factory, flink_cluster):
-    """{"direct", "cluster": output folder} of the runner matrix's hospital (it has X-rays with lesions), batch."""
-    root = tmp_path_factory.mktemp("cluster-job")
-    hospital = root / "in"
-    assert main(["simulate", "--out", str(hospital), "--patients", "6", "--devices", "2", "--hours", "1",
-                 "--seed", "7", "--corrupt-fraction", "0.01"]) == 0
-    common = ["--input", str(hospital), "--demo", "--model_per_process"]
-    assert main(["run", *common, "--output", str(root / "direct")]) == 0
-    assert main(["launch", *common, "--output", str(root / "cluster"), "--engine", "flink",
-                 "--flink_master", f"localhost:{flink_cluster['port']}", "--job_name", "medtwin-cluster-test"]) == 0
-    return {"direct": root / "direct", "cluster": root / "cluster"}
+def hospital_outputs(matrix, flink_cluster):
+    """{"direct", "cluster": output folder} of the runner matrix's hospital (it has X-rays with lesions), batch:
+    the DirectRunner's run is the matrix's own (tests/runner_matrix.py), run once per session."""
+    out = matrix.root / "cluster"
+    assert main(["launch", "--input", str(matrix.hospital), "--demo", "--model_per_process", "--output", str(out),
+                 "--engine", "flink", "--flink_master", f"localhost:{flink_cluster['port']}",
+                 "--job_name", "medtwin-cluster-test"]) == 0
+    return {"direct": matrix["direct", "batch"], "cluster": out}
 
 
 def test_the_cluster_is_a_jobmanager_and_a_taskmanager_jvm_on_loopback(flink_cluster):

@@ -25,60 +25,12 @@ import json
 
 import pytest
 
-from job_services import free_port as _free_port  # noqa: F401 (other test modules import these names here)
-from job_services import wait_for_port as _wait_for_port  # noqa: F401
-from pipelines.cli import main
 from pipelines.query import connect
+from runner_matrix import MODES, RUNNERS, SILENCE
 from transforms.triage import UNKNOWN_DEVICE_STATE
 
-RUNNERS = ("direct", "prism", "flink")
-MODES = ("batch", "streaming")
 PANE_FIELDS = ("pane_index", "pane_timing")
 RUNTIME_DETECTION_FIELDS = ("inference_latency_ms", "batch_size")
-
-
-@pytest.fixture(scope="session")
-def matrix(tmp_path_factory, job_endpoints):
-    """{(runner, mode): output folder} for the same hospital."""
-    root = tmp_path_factory.mktemp("matrix")
-    hospital = root / "in"
-    assert main(["simulate", "--out", str(hospital), "--patients", "6", "--devices", "2", "--hours", "1",
-                 "--seed", "7", "--corrupt-fraction", "0.01"]) == 0
-    _silence_one_wearable(hospital, SILENCE)
-    outputs = {}
-    for mode in MODES:
-        for runner in RUNNERS:
-            out = root / f"{runner}-{mode}"
-            argv = ["run", "--input", str(hospital), "--output", str(out), "--demo", "--runner", runner,
-                    "--model_per_process"]
-            if mode == "streaming":
-                argv.append("--streaming")
-            if runner in job_endpoints:
-                argv.append(f"--job_endpoint={job_endpoints[runner]}")
-            assert main(argv) == 0, (runner, mode)
-            outputs[runner, mode] = out
-    return outputs
-
-
-SILENCE = (dt.datetime(2026, 3, 2, 6, 20, tzinfo=dt.timezone.utc), dt.datetime(2026, 3, 2, 6, 45, tzinfo=dt.timezone.utc))
-
-
-def _silence_one_wearable(hospital, silence) -> None:
-    """Drops one patient's uploads in `silence` (start, end): a real sensor silence mid-run."""
-    files = sorted((hospital / "wearables").rglob("*.jsonl"))
-    first = json.loads(files[0].read_text().splitlines()[0])["patient_id"]
-    for path in files:
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                upload = json.loads(line)
-                uploaded = dt.datetime.fromisoformat(upload["upload_time"].replace("Z", "+00:00"))
-                if upload["patient_id"] == first and silence[0] <= uploaded < silence[1]:
-                    continue
-            except (ValueError, KeyError, TypeError, AttributeError):
-                pass   # the simulator's corrupt lines stay as they are
-            kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _rows(out, table: str, *, leave_out=(), where: str = "") -> list:
