@@ -17,8 +17,10 @@ pass through unscored. The model refuses features from another artifact version 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
@@ -104,6 +106,42 @@ def read_metadata(path: str) -> dict:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         return json.loads(f.metadata()["medtwin"])
+
+
+TRAINING_REPORT = "training.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedModels:
+    """The learned early warning a job applies: a features artifact folder and {subject: .safetensors}."""
+
+    features: str
+    models: dict
+
+
+def read_models_folder(folder: str) -> LearnedModels:
+    """The folder `medtwin train-risk --out` wrote -> LearnedModels; ValueError, naming what is missing
+    or inconsistent, if it is not one (checked at launch, before any worker starts)."""
+    try:
+        with open(os.path.join(folder, TRAINING_REPORT)) as f:
+            training = json.load(f)
+        features = os.path.normpath(os.path.join(folder, training["features"]))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--risk_models {folder}: not a folder written by medtwin train-risk "
+                         f"({type(error).__name__}: {error})") from None
+    models = {}
+    for subject in RISK_COLUMNS:
+        path = os.path.join(folder, f"{subject}_risk.safetensors")
+        if not os.path.isfile(path):
+            raise ValueError(f"--risk_models {folder}: no {subject}_risk.safetensors")
+        stated = read_metadata(path).get("features_version")
+        if stated != training.get("features_version"):
+            raise ValueError(f"--risk_models {folder}: {subject} model was trained on features {stated}, "
+                             f"the folder's features are {training.get('features_version')}")
+        models[subject] = path
+    if not os.path.isdir(features):
+        raise ValueError(f"--risk_models {folder}: features artifact {features} is missing")
+    return LearnedModels(features=features, models=models)
 
 
 class LoadedRiskModel:
@@ -213,7 +251,8 @@ class LearnedEarlyWarning(beam.PTransform):
     """{"patient_twin", "device_twin"} rows -> the same tables with features_version, the learned risk and
     risk_model_version on every row that could be featured, plus "alerts" and "dead_letters".
 
-    features: a features artifact folder (transforms.features); models: {"patient"|"device": .safetensors}.
+    features: a features artifact folder (transforms.features); models: {"patient"|"device": .safetensors}
+    (`read_models_folder` reads both from a `medtwin train-risk` folder).
     """
 
     def __init__(self, features: str, models: dict[str, str]):

@@ -128,8 +128,8 @@ def _alerts_of(out: str, kinds: tuple[str, ...], bands: tuple[str, ...] | None =
             if bands is None or alert_id.rsplit(":", 1)[-1] in bands]
 
 
-def run_seed(hospital: str, out: str, models: dict, features: str) -> None:
-    """The batch pipeline over `hospital` with the learned early warning, into `out`."""
+def run_seed(hospital: str, out: str, models_folder: str) -> None:
+    """The batch pipeline over `hospital` with the learned early warning of `models_folder`, into `out`."""
     import apache_beam as beam
 
     from pipelines.config import add_job_arguments
@@ -139,9 +139,9 @@ def run_seed(hospital: str, out: str, models: dict, features: str) -> None:
     parser = argparse.ArgumentParser()
     add_job_arguments(parser)
     config = job_config_or_exit(parser.parse_args(["--input", hospital, "--output", out, "--demo",
-                                                   "--no_imaging"]), "backtest")
+                                                   "--no_imaging", "--risk_models", models_folder]), "backtest")
     with beam.Pipeline(options=pipeline_options([], streaming=False)) as pipeline:
-        build_pipeline(pipeline, config, learned={"features": features, "models": models})
+        build_pipeline(pipeline, config)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -160,26 +160,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.risk import RISK_COLUMNS, read_metadata
+    from model.risk import RISK_COLUMNS, TRAINING_REPORT, read_metadata, read_models_folder
     from pipelines.train_risk import ensure_history, final_rows, seed_dirs, truth
 
-    with open(os.path.join(args.models, "training.json")) as f:
+    with open(os.path.join(args.models, TRAINING_REPORT)) as f:
         training = json.load(f)
     used = set(training["train_seeds"]) | set(training["validation_seeds"])
     if used & set(args.seeds):
         print(f"medtwin backtest: test seeds {sorted(used & set(args.seeds))} were used to train or validate",
               file=sys.stderr)
         return 2
-    models = {s: os.path.join(args.models, f"{s}_risk.safetensors") for s in ("patient", "device")}
+    try:
+        learned = read_models_folder(args.models)
+    except ValueError as error:
+        print(f"medtwin backtest: {error}", file=sys.stderr)
+        return 2
+    models = learned.models
     metadata = {s: read_metadata(path) for s, path in models.items()}
-    features = os.path.join(args.models, training["features"])
     ensure_history(args.input, args.seeds, args)
     per_seed = []
     for seed in args.seeds:
         hospital = seed_dirs(args.input, seed)[0]
         out = os.path.join(args.input, f"seed-{seed}", "backtest")
         if not os.path.isdir(os.path.join(out, "alerts")):
-            run_seed(hospital, out, models, features)
+            run_seed(hospital, out, args.models)
         per_seed.append((out, truth(hospital), {s: final_rows(out, f"{s}_twin") for s in models}))
 
     horizons = {"patient": args.patient_horizon, "device": args.device_horizon}

@@ -93,6 +93,7 @@ class JobConfig:
     imaging: ImagingConfig | None  # None: DICOM references are decoded, checked and counted; no image is read
     key_reference: KeyReference  # where workers read the pseudonymisation key; never the key itself
     streaming: bool
+    learned: "LearnedModels | None" = None  # --risk_models: the learned early warning (model.risk); None: rules only
 
     def __post_init__(self):
         kind = self.source.kind
@@ -147,11 +148,20 @@ class JobConfig:
                 args.pseudonym_key, demo=args.demo, key_file=getattr(args, "pseudonym_key_file", None),
                 key_secret=getattr(args, "pseudonym_key_secret", None)),
             streaming=streaming,
+            learned=_learned_models(getattr(args, "risk_models", None)),
         )
         if args.no_imaging:
             return config
         # Built once the sources are known to be valid, so their errors come first.
         return dataclasses.replace(config, imaging=_imaging_config(args, config.source, device, streaming))
+
+
+def _learned_models(folder: str | None):
+    if folder is None:
+        return None
+    from model.risk import read_models_folder
+
+    return read_models_folder(folder)
 
 
 def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: DeviceTwinConfig,
@@ -290,6 +300,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       help="streaming: a patient silent this long is forgotten (state cleared), 1-3650 [%(default)s]")
     twin.add_argument("--service_interval_days", type=Bounded(float, 0.01, 3650, "days"), default=90.0,
                       help="device maintenance due after this many days, 0.01-3650 [%(default)s]")
+
+    twin.add_argument("--risk_models", metavar="DIR",
+                      help="add the learned early warning: the folder `medtwin train-risk --out` wrote (tf.Transform "
+                           "features and both risk models); their scores join the twin rows and raise alerts")
 
     imaging = parser.add_argument_group("imaging")
     imaging.add_argument("--no_imaging", action="store_true",

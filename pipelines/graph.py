@@ -130,11 +130,11 @@ class Imaging(beam.PTransform):
         return {"detections": detections, "alerts": alerts, DEAD_LETTERS: dead_letters}
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: JobConfig, learned: dict | None = None) -> dict:
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
     """Adds the medtwin graph, sinks included, to `pipeline`; returns {table: PCollection of rows}.
 
-    learned: {"features": artifact folder, "models": {"patient"|"device": .safetensors}} adds the learned
-    early warning (`model.risk.LearnedEarlyWarning`) to the twin rows; None leaves it out.
+    ``config.learned`` (``--risk_models``) adds the learned early warning (`model.risk.LearnedEarlyWarning`)
+    to the twin rows; None leaves it out.
     """
     raw = pipeline | "ReadStreams" >> ReadStreams(config)
     decoded = raw | "Decode" >> DecodeStreams(config)
@@ -144,9 +144,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig, learned: dict | N
     alerts = [patients["alerts"], devices["alerts"]]
     dead_letters = [*decoded[DEAD_LETTERS], patients[DEAD_LETTERS], devices[DEAD_LETTERS]]
     tables = {"patient_twin": patients["patient_twin"], "device_twin": devices["device_twin"]}
-    if learned is not None:
+    if config.learned is not None:
         from model.risk import LearnedEarlyWarning
-        scored = tables | "LearnedEarlyWarning" >> LearnedEarlyWarning(learned["features"], learned["models"])
+        scored = tables | "LearnedEarlyWarning" >> LearnedEarlyWarning(config.learned.features, config.learned.models)
         tables = {"patient_twin": scored["patient_twin"], "device_twin": scored["device_twin"]}
         alerts += scored["alerts"]
         dead_letters += scored[DEAD_LETTERS]

@@ -223,6 +223,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{subject}: {len(y_train)} training rows ({int(y_train.sum())} positive), threshold {threshold:.2f} "
               f"on validation: {validation_score['flagged']}/{validation_score['events']} flagged, "
               f"{validation_score['false_alarms_per_day']:.2f} false alarms per {subject}-day; model {version}")
-    with open(os.path.join(args.out, "training.json"), "w") as f:
+    with open(os.path.join(args.out, risk.TRAINING_REPORT), "w") as f:
         json.dump(report, f, indent=2, sort_keys=True, default=str)
     return 0

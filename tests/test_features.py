@@ -6,6 +6,9 @@ starts it); the applied statistics are compared with numpy over the same final r
 """
 
 import datetime as dt
+import json
+import os
+import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -200,18 +203,15 @@ def test_a_row_whose_features_fail_is_a_dead_letter_and_passes_on_unfeatured(his
                     equal_to([("features_patient", "feature transform failed: ValueError", 1)]), label="Dead")
 
 
-def test_the_twin_pipeline_with_learned_models_names_versions_and_scores_every_featured_row(
-        history, artifacts, tmp_path):
-    """build_pipeline(learned=...) over the history's hospital: every featured twin row names the artifact
-    and model versions, and its risk equals the model applied to the artifact's features outside Beam."""
-
+@pytest.fixture(scope="session")
+def models_folder(history, artifacts, tmp_path_factory):
+    """A `medtwin train-risk`-shaped folder: both risk models trained on the history's featured rows."""
     from model import risk
-    from pipelines.backtest import run_seed
-    from pipelines.train_risk import final_rows, truth
+    from pipelines.train_risk import truth
+
+    folder = tmp_path_factory.mktemp("risk-models")
     artifact = F.FeatureArtifact(artifacts["direct"])
-    hospital = history.rsplit("/", 1)[0] + "/h"
-    facts = truth(hospital)
-    models = {}
+    facts = truth(history.rsplit("/", 1)[0] + "/h")
     for subject in F.SUBJECTS:
         rows, inputs = _complete(subject, _final_rows(history, f"{subject}_twin"))
         x = artifact.transform(subject, inputs)
@@ -220,16 +220,37 @@ def test_the_twin_pipeline_with_learned_models_names_versions_and_scores_every_f
         y = [int(r[key] in events and r["window_end"] + dt.timedelta(hours=1) >= events[r[key]]) for r in rows]
         if len(set(y)) < 2:   # a hospital this small may lack an event: any two classes will do here
             y = [int(i % 2) for i in range(len(rows))]
-        path = str(tmp_path / f"{subject}.safetensors")
-        risk.save(risk.train(x, np.array(y)), path, {"subject": subject, "feature_names": list(artifact.names(subject)),
-                                                   "features_version": artifact.version, "threshold": 0.5,
-                                                   "horizon_hours": 1.0, "train_seeds": [21], "validation_seeds": []})
-        models[subject] = path
-    out = str(tmp_path / "out")
-    run_seed(hospital, out, models, artifacts["direct"])
+        risk.save(risk.train(x, np.array(y)), str(folder / f"{subject}_risk.safetensors"),
+                  {"subject": subject, "feature_names": list(artifact.names(subject)),
+                   "features_version": artifact.version, "threshold": 0.5, "horizon_hours": 1.0,
+                   "train_seeds": [21], "validation_seeds": []})
+    (folder / risk.TRAINING_REPORT).write_text(json.dumps({
+        "features": os.path.relpath(artifacts["direct"], folder), "features_version": artifact.version,
+        "train_seeds": [21], "validation_seeds": []}))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def scored_batch(history, models_folder, tmp_path_factory):
+    """The batch run (`pipelines.backtest.run_seed`: ``--risk_models``) over the history's hospital."""
+    from pipelines.backtest import run_seed
+
+    out = str(tmp_path_factory.mktemp("scored-batch") / "out")
+    run_seed(history.rsplit("/", 1)[0] + "/h", out, models_folder)
+    return out
+
+
+def test_the_twin_pipeline_with_learned_models_names_versions_and_scores_every_featured_row(
+        artifacts, models_folder, scored_batch):
+    """Every featured twin row names the artifact and model versions, and its risk equals the model
+    applied to the artifact's features outside Beam."""
+    from model import risk
+    from pipelines.train_risk import final_rows
+
+    artifact = F.FeatureArtifact(artifacts["direct"])
     for subject in F.SUBJECTS:
-        module, metadata = risk.load(models[subject])
-        rows = final_rows(out, f"{subject}_twin")
+        module, metadata = risk.load(f"{models_folder}/{subject}_risk.safetensors")
+        rows = final_rows(scored_batch, f"{subject}_twin")
         complete, inputs = _complete(subject, rows)
         assert complete and all(r["features_version"] == artifact.version for r in complete)
         assert all(r["risk_model_version"] == metadata["model_version"] for r in complete)
@@ -238,3 +259,50 @@ def test_the_twin_pipeline_with_learned_models_names_versions_and_scores_every_f
                                    risk.predict(module, artifact.transform(subject, inputs)), atol=1e-4)
         assert all(r[column] is None and r["features_version"] is None for r in rows
                    if F.raw_inputs(subject, r) is None)
+
+
+def _scores(out: str, subject: str) -> list:
+    from model.risk import RISK_COLUMNS
+
+    key = F.KEYS[subject]
+    rows = connect(out).execute(
+        f"select {key}, window_start, features_version, risk_model_version, {RISK_COLUMNS[subject]} "
+        f"from {subject}_twin where is_final order by all").fetchall()
+    return [(*row[:4], None if row[4] is None else round(row[4], 4)) for row in rows]
+
+
+@pytest.mark.parametrize("runner", ("prism", "flink"))
+def test_medtwin_run_streaming_with_risk_models_scores_as_the_batch_run(
+        history, models_folder, scored_batch, job_endpoints, runner, tmp_path):
+    """`medtwin run --streaming --risk_models` on a real runner: every final twin row carries the same
+    versions and risk as the batch run's, and the learned alerts are the same."""
+    out = str(tmp_path / "out")
+    assert main(["run", "--streaming", "--input", history.rsplit("/", 1)[0] + "/h", "--output", out, "--demo",
+                 "--no_imaging", "--risk_models", models_folder, "--runner", runner,
+                 f"--job_endpoint={job_endpoints[runner]}", "--model_per_process"]) == 0
+    for subject in F.SUBJECTS:
+        expected = _scores(scored_batch, subject)
+        assert any(row[4] is not None for row in expected), subject
+        assert _scores(out, subject) == expected, subject
+    from model.risk import ALERT_KINDS
+
+    kinds = ", ".join(f"'{kind}'" for kind in ALERT_KINDS.values())
+    learned = f"select subject_id, kind, onset_time from alerts where kind in ({kinds}) order by all"
+    assert connect(out).execute(learned).fetchall() == connect(scored_batch).execute(learned).fetchall()
+
+
+def test_risk_models_that_are_not_a_train_risk_folder_are_refused_at_launch(models_folder, tmp_path):
+    from model.risk import read_models_folder
+
+    assert read_models_folder(models_folder).models.keys() == set(F.SUBJECTS)
+    with pytest.raises(ValueError, match="not a folder written by medtwin train-risk"):
+        read_models_folder(str(tmp_path))
+    copy = tmp_path / "copy"
+    shutil.copytree(models_folder, copy)
+    report = json.loads((copy / "training.json").read_text())
+    report["features"] = os.path.join(models_folder, report["features"])   # absolute: the copy lies elsewhere
+    (copy / "training.json").write_text(json.dumps({**report, "features_version": "another"}))
+    with pytest.raises(ValueError, match="was trained on features"):
+        read_models_folder(str(copy))
+    assert main(["run", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--demo", "--no_imaging",
+                 "--risk_models", str(tmp_path)]) == 2
