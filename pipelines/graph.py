@@ -41,6 +41,7 @@ from transforms.sources import (
     WatchLandingDirectory,
 )
 from transforms.triage import FlagDeviceQuality, TriageAlerts
+from transforms.wearable_conflicts import FlagWearableConflicts
 
 
 class ReadStreams(beam.PTransform):
@@ -141,7 +142,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
     patients = {"chunks": decoded["chunks"], "observations": decoded["observations"]} | "PatientTwin" >> PatientTwin(
         config.patient)
     devices = decoded["device_events"] | "DeviceTwin" >> DeviceTwin(config.device)
-    alerts = [patients["alerts"], devices["alerts"]]
+    conflicts = decoded["chunks"] | "WearableConflicts" >> FlagWearableConflicts(
+        config.patient.policy, Pseudonymiser.from_reference(config.key_reference))
+    alerts = [patients["alerts"], devices["alerts"], conflicts]
     dead_letters = [*decoded[DEAD_LETTERS], patients[DEAD_LETTERS], devices[DEAD_LETTERS]]
     tables = {"patient_twin": patients["patient_twin"], "device_twin": devices["device_twin"]}
     if config.learned is not None:

@@ -154,7 +154,7 @@ DETECTIONS = RecordDef(
 )
 
 ALERT_KINDS = ("news2_band", "device_failure_risk", "maintenance_overdue", "sensor_stale", "triage",
-               "deterioration_risk", "device_failure_model")
+               "deterioration_risk", "device_failure_model", "wearable_conflict")
 ALERT_SEVERITIES = ("info", "warning", "urgent")
 
 ALERTS = RecordDef(
@@ -166,7 +166,8 @@ ALERTS = RecordDef(
         Field("alert_id", STRING, min_length=1, doc="Deterministic id: kind, subject and onset."),
         Field("kind", STRING, choices=ALERT_KINDS, doc="What condition started."),
         Field("subject_type", STRING, choices=("patient", "device"), doc="Whom it concerns."),
-        Field("subject_id", STRING, min_length=1, doc="patient_key or device_id."),
+        Field("subject_id", STRING, min_length=1,
+              doc="patient_key or device_id; for wearable_conflict, the wearable's keyed pseudonym."),
         Field("severity", STRING, choices=ALERT_SEVERITIES, doc="How urgent."),
         Field("onset_time", TIMESTAMP, doc="Event time the condition started (window start)."),
         Field("window_end", TIMESTAMP, nullable=True, doc="End of the window that raised it."),
