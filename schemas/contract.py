@@ -249,10 +249,13 @@ def _shown(f: Field | None, value: Any) -> str:
     """How an error message quotes a value.
 
     Only what is known to be safe is quoted: a bool, a number, or the first 40 characters of a
-    string of a declared field that neither identifies a patient nor is enumerated (a value not
-    in the allowed set may be anything an integration sent). Containers are never quoted (and
-    never repr'd: a list nested 1,000 deep would exhaust the stack), only their type is named.
+    string of a declared string field that neither identifies a patient nor is enumerated (a value
+    not in the allowed set may be anything an integration sent; so may a string sent where a number
+    or a timestamp belongs). Containers are never quoted (and never repr'd: a list nested 1,000 deep
+    would exhaust the stack), only their type is named.
     """
+    if isinstance(value, str) and (f is None or f.type != STRING):
+        return "(value withheld)"
     if f is not None and f.identifying:
         return "(value withheld: identifies a patient)"
     if f is not None and f.free_text:
@@ -273,7 +276,8 @@ def _check_scalar(f: Field, value: Any, path: str) -> None:
         if len(value) < f.min_length:
             raise SchemaError(path, "must not be empty" if f.min_length == 1 else f"is shorter than {f.min_length}")
         if f.choices and value not in f.choices:
-            raise SchemaError(path, f"is not one of {', '.join(f.choices)} (value withheld)")
+            allowed = ", ".join(f.choices) if len(f.choices) <= 8 else f"its {len(f.choices)} defined terms"
+            raise SchemaError(path, f"is not one of {allowed} (value withheld)")
     elif f.type == BOOL:
         if not isinstance(value, bool):
             raise SchemaError(path, f"expected a boolean, got {type(value).__name__} {_shown(f, value)}")

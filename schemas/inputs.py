@@ -64,6 +64,19 @@ DEVICE_LOG_EVENT = RecordDef(
     ),
 )
 
+# DICOM PS3.3 C.7.3.1.1.1 Modality: the defined terms, the retired ones still met in archives, and DR
+# (a vendor spelling of DX). Anything else is refused as not understood, never quoted.
+MODALITIES = (
+    "ANN", "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "CTPROTOCOL", "DG", "DMS", "DOC", "DX",
+    "ECG", "EEG", "EMG", "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO",
+    "LEN", "LS", "M3D", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS",
+    "OT", "PA", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT",
+    "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN",
+    "TEXTUREMAP", "TG", "US", "VA", "XA", "XAPROTOCOL", "XC",
+    "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS", "LP", "MA", "MS", "OPR", "ST", "VF",
+    "DR",
+)
+
 DICOM_REFERENCE = RecordDef(
     name="DicomReference",
     doc="A pointer to a newly stored image, with the metadata the PACS router knows.",
@@ -76,7 +89,8 @@ DICOM_REFERENCE = RecordDef(
         Field("patient_id", STRING, min_length=1, identifying=True,
               doc="(0010,0020) Patient ID (PHI: pseudonymised on entry)."),
         Field("device_id", STRING, min_length=1, doc="The imaging device that acquired it."),
-        Field("modality", STRING, min_length=1, doc="(0008,0060) e.g. CR, DX."),
+        Field("modality", STRING, min_length=1, choices=MODALITIES,
+              doc="(0008,0060) a DICOM defined term, e.g. CR, DX."),
         Field("acquisition_time", TIMESTAMP, doc="Acquisition date/time (event time)."),
     ),
 )

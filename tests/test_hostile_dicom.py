@@ -83,3 +83,36 @@ def test_the_corpus_through_read_studies_is_images_plus_dead_letters():
 
         assert_that(out["dead_letters"] | "Kind" >> beam.Map(lambda letter: letter["reason"].split(":")[0]),
                     equal_to(expected_dead), label="DeadLetters")
+
+
+def test_a_decoder_panic_is_a_rejection_not_the_end_of_the_worker():
+    # Found by `make fuzz`: valid_rle.dcm with six bytes changed and cut at 20,178 bytes makes
+    # pylibjpeg-rle's Rust decoder panic (pyo3's PanicException, a BaseException, not an Exception).
+    data = bytearray((CORPUS / "valid_rle.dcm").read_bytes())
+    for position, value in [(465, 210), (118842, 164), (3937, 142), (173, 127), (5653, 13), (9635, 215)]:
+        data[position % len(data)] = value
+    with pytest.raises(DicomRejected, match="PanicException") as rejected:
+        decode_dicom_bytes(bytes(data[:20178]), _config())
+    assert rejected.value.kind == dicom_decode.CORRUPT_PIXELS
+
+
+def test_a_transfer_syntax_with_several_values_is_a_corrupt_header():
+    # Found by `make fuzz`: a byte flip made (0002,0010) two values; pydicom's UID() raised TypeError.
+    data = bytearray((CORPUS / "valid_deflate.dcm").read_bytes())
+    start = data.index(b"\x02\x00\x10\x00")  # (0002,0010) Transfer Syntax UID, explicit VR "UI"
+    length = int.from_bytes(data[start + 6:start + 8], "little")
+    value = bytes(data[start + 8:start + 8 + length])
+    cut = value.index(b".", 4)
+    data[start + 8:start + 8 + length] = value[:cut] + b"\\" + value[cut + 1:]
+    with pytest.raises(DicomRejected, match="not one UID") as rejected:
+        decode_dicom_bytes(bytes(data), _config())
+    assert rejected.value.kind == dicom_decode.CORRUPT_HEADER
+
+
+def test_a_transfer_syntax_of_an_unknown_value_representation_is_a_corrupt_header():
+    # Found by `make fuzz`: a zero byte at offset 235 and a cut at 238 left (0002,0010) with VR "U\0".
+    data = bytearray((CORPUS / FILES[0]).read_bytes())
+    data[235] = 0
+    with pytest.raises(DicomRejected, match="File Meta Information") as rejected:
+        decode_dicom_bytes(bytes(data[:238]), _config())
+    assert rejected.value.kind == dicom_decode.CORRUPT_HEADER

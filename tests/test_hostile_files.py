@@ -7,6 +7,8 @@ import datetime as dt
 import gzip
 import io
 import json
+import tracemalloc
+import zlib
 
 import apache_beam as beam
 import fastavro
@@ -16,7 +18,14 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas import DEVICE_LOG_EVENT, avro_schema
 from transforms.decode import UnreadableInput
-from transforms.landed_files import MAX_INFLATED_BYTES, avro_claimed_records, count_records, layout_arrival
+from transforms.landed_files import (
+    MAX_AVRO_BLOCK_BYTES,
+    MAX_INFLATED_BYTES,
+    avro_claimed_records,
+    avro_inflation_problem,
+    count_records,
+    layout_arrival,
+)
 from transforms.sources import ReadLandedFiles, landed_records, records_in_file
 
 DAY = "2026-03-02"
@@ -92,6 +101,50 @@ def test_a_gzip_bomb_is_counted_within_the_inflation_cap():
     data = gzip.compress(b"\n" * (MAX_INFLATED_BYTES + (4 << 20)), compresslevel=9)
     counted = count_records(data)
     assert not counted.exact and counted.records <= MAX_INFLATED_BYTES
+
+
+def _zigzag(value: int) -> bytes:
+    value, out = (value << 1) ^ (value >> 63), b""
+    while value > 0x7F:
+        out, value = out + bytes([(value & 0x7F) | 0x80]), value >> 7
+    return out + bytes([value])
+
+
+def _avro_bomb(inflated_bytes: int, codec: str = "deflate") -> bytes:
+    """A well-formed Avro container whose one block (claiming 3 records) inflates to `inflated_bytes`."""
+    buffer = io.BytesIO()
+    fastavro.writer(buffer, fastavro.parse_schema(avro_schema(DEVICE_LOG_EVENT)), [], codec="deflate")
+    handle = io.BytesIO(buffer.getvalue())
+    fastavro.reader(handle)
+    header = buffer.getvalue()[:handle.tell()]
+    if codec != "deflate":
+        header = header.replace(b"\x0edeflate", _zigzag(len(codec)) + codec.encode())
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = b"".join(squeezer.compress(bytes(1 << 20)) for _ in range(inflated_bytes >> 20)) + squeezer.flush()
+    return header + _zigzag(3) + _zigzag(len(block)) + block + header[-16:]
+
+
+def test_an_avro_deflate_bomb_is_refused_before_any_block_is_inflated_whole():
+    data = _avro_bomb(MAX_AVRO_BLOCK_BYTES + (8 << 20))
+    assert len(data) < 100_000 and avro_claimed_records(data) == 3
+    tracemalloc.start()
+    try:
+        (record,) = records_in_file(f"/in/device_logs/date={DAY}/device_logs-06.avro", data, "/in")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak   # fastavro alone would hold the 72 MiB block
+    assert isinstance(record.payload, UnreadableInput) and record.payload.record_count == 3
+    assert "a compression bomb" in record.payload.reason and "claimed 3 record(s)" in record.payload.reason
+    # A block under the cap is read as usual: the cap refuses bombs, not files.
+    assert avro_inflation_problem(_avro(144)) is None and avro_inflation_problem(_avro_bomb(2 << 20)) is None
+
+
+@pytest.mark.parametrize("codec, named", [("snappy", "'snappy'"), ("MRN0099001", "(value withheld)")])
+def test_an_avro_codec_medtwin_does_not_read_is_refused_by_name_only_when_known(codec, named):
+    (record,) = records_in_file(f"/in/device_logs/date={DAY}/device_logs-06.avro", _avro_bomb(1 << 20, codec), "/in")
+    assert isinstance(record.payload, UnreadableInput) and record.payload.record_count == 3
+    assert f"Avro codec {named} is not accepted" in record.payload.reason and MRN not in record.payload.reason
 
 
 def _land(root, relative, data):

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import orjson
 from apache_beam.metrics import Metrics
 
-from schemas.contract import RECORD, Field
+from schemas.contract import RECORD, STRING, TIMESTAMP, Field, SchemaError, parse_timestamp
 
 DEAD_LETTERS = "dead_letters"
 MAX_PAYLOAD_CHARS = 4096
@@ -64,6 +64,13 @@ def _allowed_scalar(f: Field, value: Any) -> Any:
     if isinstance(value, str):
         if f.choices and value not in f.choices:
             return "(value withheld: not an allowed value)"
+        if f.type == TIMESTAMP:  # kept only when it is one: a string in a timestamp field may be anything
+            try:
+                parse_timestamp(value, f.name)
+            except SchemaError:
+                return "(value withheld: not a timestamp)"
+        elif f.type != STRING:
+            return "(value withheld: str)"
         return value[:MAX_VALUE_CHARS]
     return f"(value withheld: {type(value).__name__})"
 

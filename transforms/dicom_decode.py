@@ -139,6 +139,14 @@ class DicomReadConfig:
                              f"got {self.allowed_modalities!r}")
 
 
+def _reraise_interrupts(error: BaseException) -> None:
+    """Decoding catches BaseException: beside Python's exceptions, the Rust plugins (pylibjpeg-rle)
+    panic on some malformed streams with pyo3's PanicException, a BaseException, and one file must
+    not end the worker. An interrupt or an exit is never swallowed."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise error
+
+
 def decode_dicom_bytes(data: bytes, config: DicomReadConfig) -> PreparedImage:
     """The bytes of a DICOM Part 10 file -> the prepared model input of frame ``config.frame``.
 
@@ -150,11 +158,13 @@ def decode_dicom_bytes(data: bytes, config: DicomReadConfig) -> PreparedImage:
         check_header(ds, config, data)
     except DicomRejected:
         raise
-    except Exception as error:  # pydicom converts raw elements on first access, and that can fail
+    except BaseException as error:  # pydicom converts raw elements on first access, and that can fail
+        _reraise_interrupts(error)
         raise DicomRejected(CORRUPT_HEADER, f"{type(error).__name__} (message withheld)") from None
     try:
         prepared = prepare_dicom(ds, target_size=config.target_size, frame=config.frame)
-    except Exception as error:  # decoder plugins raise ValueError, RuntimeError, OSError...
+    except BaseException as error:  # plugins raise ValueError, RuntimeError, OSError, pyo3 panics...
+        _reraise_interrupts(error)
         raise DicomRejected(CORRUPT_PIXELS, f"{type(error).__name__} (message withheld)") from None
     if not np.isfinite(prepared.image).all():
         raise DicomRejected(CORRUPT_PIXELS, "the prepared image has non-finite values")
@@ -171,13 +181,15 @@ def read_dataset(data: bytes, config: DicomReadConfig) -> pydicom.Dataset:
     try:
         read_preamble(stream, False)
         meta = _read_file_meta_info(stream)
+        syntax = meta.get("TransferSyntaxUID")  # pydicom converts the raw value here, and that can fail
     except InvalidDicomError:
         raise DicomRejected(NOT_DICOM, "no 'DICM' prefix after the 128-byte preamble") from None
     except Exception as error:  # a damaged File Meta group
         raise DicomRejected(CORRUPT_HEADER, f"File Meta Information: {type(error).__name__} (message withheld)") from None
-    syntax = meta.get("TransferSyntaxUID")
     if not syntax:
         raise DicomRejected(UNSUPPORTED_TRANSFER_SYNTAX, "the File Meta Information has no Transfer Syntax UID")
+    if not isinstance(syntax, str):  # e.g. several values, backslash-separated: (0002,0010) has VM 1
+        raise DicomRejected(CORRUPT_HEADER, f"the Transfer Syntax UID is a {type(syntax).__name__}, not one UID")
     if UID(syntax) == DeflatedExplicitVRLittleEndian:
         _check_inflated_size(stream.read(), config.max_pixel_bytes + _HEADER_ALLOWANCE)
     try:

@@ -24,6 +24,8 @@ import re
 import zlib
 from typing import NamedTuple
 
+import fastavro
+
 LANDED_EXTENSIONS = ("jsonl", "avro")
 _LAYOUT = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/[^/]*?-(\d{2})\.(jsonl|avro)$")
 _DAY = re.compile(r"(?:^|/)date=(\d{4}-\d{2}-\d{2})/")
@@ -213,6 +215,52 @@ def avro_claimed_records(data: bytes) -> int | None:
             break  # cut short or damaged: this block's count is what it claimed
         reader.position += size + _SYNC_BYTES
     return claimed
+
+
+MAX_AVRO_BLOCK_BYTES = 64 << 20  # most bytes one Avro block may inflate to (ours: a few hundred KiB)
+AVRO_CODECS = ("null", "deflate")  # what medtwin reads; the spec's others are refused by name
+_OTHER_AVRO_CODECS = ("snappy", "bzip2", "xz", "zstandard", "lz4")
+_INFLATE_STEP = 1 << 20
+
+
+def avro_inflation_problem(data: bytes) -> str | None:
+    """Why the Avro container `data` must not be decoded, or None: every block of a ``deflate`` file
+    inflates to at most `MAX_AVRO_BLOCK_BYTES`, measured 1 MiB at a time before fastavro inflates any
+    block whole (a 1 MiB block of zeros would grow to 1 GiB); a codec other than `AVRO_CODECS` is
+    refused, named only when it is one of the spec's. A header or block that does not parse is
+    left to the decoder, which dead-letters it as damaged.
+    """
+    handle = io.BytesIO(data)
+    try:
+        codec = fastavro.reader(handle).codec  # reads the header only
+    except Exception:  # noqa: BLE001 - fastavro raises many types on damaged headers
+        return None
+    if codec not in AVRO_CODECS:
+        named = repr(codec) if codec in _OTHER_AVRO_CODECS else "(value withheld)"
+        return f"Avro codec {named} is not accepted (only {' or '.join(AVRO_CODECS)})"
+    if codec == "null":
+        return None  # blocks are stored as they are: no bigger than the file
+    reader = _Reader(data)
+    reader.position = handle.tell()
+    while reader.position < len(data):
+        try:
+            reader.long()  # the block's record count
+            size = reader.long()
+            block = reader.take(size)
+            reader.take(_SYNC_BYTES)
+        except ValueError:
+            return None
+        inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        try:
+            while block:
+                inflated += len(inflater.decompress(block, _INFLATE_STEP))
+                if inflated > MAX_AVRO_BLOCK_BYTES:
+                    return (f"an Avro block of {size} bytes inflates to more than {MAX_AVRO_BLOCK_BYTES >> 20} MiB: "
+                            "a compression bomb")
+                block = inflater.unconsumed_tail
+        except zlib.error:
+            return None
+    return None
 
 
 class _Reader:

@@ -37,6 +37,7 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms.decode import MAX_AHEAD_OF_ARRIVAL, RawRecord, UnreadableInput, to_micros
 from transforms.landed_files import (
     avro_claimed_records,
+    avro_inflation_problem,
     compressed_kind,
     count_records,
     is_completion_marker,
@@ -96,6 +97,12 @@ def records_in_file(path: str, data: bytes, relative_to: str = "",
         for number, line in enumerate(data.splitlines(), start=1):
             if line.strip():
                 yield RawRecord(f"{name}:{number}", line, arrival)
+        return
+    refused = avro_inflation_problem(data)
+    if refused is not None:
+        claimed = avro_claimed_records(data)
+        yield RawRecord(name, UnreadableInput(f"Avro file not read: {refused}; its blocks claimed "
+                                              f"{claimed or 0} record(s)", max(claimed or 0, 1)), arrival)
         return
     read = 0
     try:

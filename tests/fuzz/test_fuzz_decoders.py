@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import os
 import pathlib
 
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import DEVICE_LOG_EVENT, avro_schema
+from schemas.contract import SchemaError, parse_timestamp
 from transforms.dead_letters import DEAD_LETTERS
 from transforms.decode import (
     DecodeDeviceEventsFn,
@@ -40,7 +42,9 @@ from transforms.pseudonymise import Pseudonymiser
 from transforms.landed_files import avro_claimed_records
 from transforms.sources import records_in_file
 
-settings.register_profile("suite", max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# The suite's run is the same examples every time (a CI run must not fail by chance); `make fuzz` explores.
+settings.register_profile("suite", max_examples=60, deadline=None, suppress_health_check=list(HealthCheck),
+                          derandomize=True)
 settings.register_profile("fuzz", max_examples=5_000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
@@ -84,8 +88,12 @@ IDENTIFIER_SAFE_KEYS = {"wearables": ("upload_time", "samples", "patient_id", "n
                         "dicom_refs": ("acquisition_time", "patient_id", "uri", "modality", "name", "mrn")}
 
 
-def _decode(stream, payload):
-    """One RawRecord through its decoder -> (outputs, dead letters); the accounting of one input."""
+TIMESTAMP_KEYS = ("upload_time", "event_time", "acquisition_time")
+
+
+def _decode(stream, payload, legitimate=()):
+    """One RawRecord through its decoder -> (outputs, dead letters); the accounting of one input.
+    `legitimate`: planted strings the record carries as valid data (a date sent as a timestamp)."""
     outputs = list(DECODERS[stream]().process(RawRecord(f"{stream}/fuzz:1", payload, ARRIVAL)))
     dead = [o.value for o in outputs if getattr(o, "tag", None) == DEAD_LETTERS]
     good = [o.value for o in outputs if getattr(o, "tag", None) != DEAD_LETTERS]
@@ -93,9 +101,17 @@ def _decode(stream, payload):
     # A decoded reference keeps its uri to fetch the file (it reaches no table); everything else is checked.
     kept = [{k: v for k, v in g.items() if k != "uri"} if isinstance(g, dict) else repr(g) for g in good]
     text = orjson.dumps([dead, kept], default=str).decode()
-    for planted in PLANTED:
+    for planted in set(PLANTED) - set(legitimate):
         assert planted not in text.replace(PSEUDONYMS.scrub_value(MRN), ""), planted
     return good, dead
+
+
+def _valid_timestamp(value) -> bool:
+    try:
+        parse_timestamp(value, "fuzz")
+    except SchemaError:
+        return False
+    return True
 
 
 def _samples_out(good):
@@ -107,7 +123,10 @@ def test_json_decoders_survive_mutated_records(stream, changes):
     record = dict(RECORDS[stream])
     for key in changes.draw(st.lists(st.sampled_from(IDENTIFIER_SAFE_KEYS[stream]), max_size=4, unique=True)):
         record[key] = changes.draw(VALUES)
-    good, dead = _decode(stream, orjson.dumps(record, option=orjson.OPT_PASSTHROUGH_DATACLASS, default=str))
+    # A planted date sent as a valid event time is an event time to the pipeline, kept as one.
+    legitimate = [record[k] for k in TIMESTAMP_KEYS if isinstance(record.get(k), str) and _valid_timestamp(record[k])]
+    # The stdlib writes integers of any size (orjson stops at 64 bits): the decoder must take them too.
+    good, dead = _decode(stream, json.dumps(record, default=str).encode(), legitimate)
     if stream == "wearables" and isinstance(record.get("samples"), list) and not dead:
         assert _samples_out(good) == len(record["samples"])
 
@@ -142,7 +161,8 @@ def test_device_log_avro_files_survive_damage(cut, flips):
         if position < len(data):
             data[position] = value
     records = list(records_in_file("/in/device_logs/date=2026-03-02/device_logs-06.avro", bytes(data), "/in"))
-    assert records, "a file vanished"
+    # Cut right after the header, a container is whole and holds no block: nothing to account for.
+    assert records or avro_claimed_records(bytes(data)) == 0, "a file vanished"
     for record in records:
         good, dead = _decode("device_logs", record.payload)
         if isinstance(record.payload, UnreadableInput):
