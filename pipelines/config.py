@@ -191,7 +191,8 @@ def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: Devi
                            else None) if args.pacs_url else None)
     if args.pacs_credentials and not pacs:
         raise ValueError("--pacs_credentials without --pacs_url")
-    read = DicomReadConfig(allowed_prefixes=prefixes, target_size=model_input_size(inference), dicomweb=pacs)
+    read = DicomReadConfig(allowed_prefixes=prefixes, target_size=model_input_size(inference), dicomweb=pacs,
+                           decode_headroom_bytes=args.decode_memory_mib * 1024 * 1024 or None)
     folder = (None if args.no_structured_reports or args.bigquery_dataset
               else os.path.join(args.output, STRUCTURED_REPORTS))
     return ImagingConfig(
@@ -312,6 +313,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                          help="detector checkpoint, .safetensors with its .json beside it [model/weights/cascade_tiny]")
     imaging.add_argument("--dicom_allowed_prefixes", nargs="+", metavar="PREFIX",
                          help="directories or gs:// prefixes DICOM uris may point into [--input]")
+    imaging.add_argument("--decode_memory_mib", type=Bounded(int, 0, 65536, "MiB"), default=1024,
+                         help="decode each image in a child process whose address space may grow this much past "
+                              "its start (defence in depth behind the codestream checks); 0 decodes in the "
+                              "worker itself, 0-65536 [%(default)s]")
     imaging.add_argument("--pacs_url", nargs="+", metavar="URL",
                          help="DICOMweb roots references may point into (WADO-RS); SRs are stored to the first "
                               "(STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")

@@ -7,17 +7,26 @@ Every file ends as a decoded image or as a dead letter with a reason, and no
 reason quotes the PHI planted in the files.
 """
 
+import dataclasses
+import io
 import json
+import os
 import pathlib
+import resource
 
 import apache_beam as beam
+import numpy as np
+import pydicom
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.utils.timestamp import Timestamp
 
 from model import preprocess
 from transforms import dicom_decode
-from transforms.dicom_decode import DicomReadConfig, DicomRejected, ReadStudies, decode_dicom_bytes
+from transforms.capped_process import CappedProcess, ChildFailed, address_space_limit
+from transforms.dicom_decode import DecodeDicomFn, DicomReadConfig, DicomRejected, ReadStudies, decode_dicom_bytes
+from transforms.dicom_fetch import FetchedDicom
 
 CORPUS = pathlib.Path(__file__).parent / "corpus" / "dicom"
 MANIFEST = json.loads((CORPUS / "MANIFEST.json").read_text())
@@ -116,3 +125,60 @@ def test_a_transfer_syntax_of_an_unknown_value_representation_is_a_corrupt_heade
     with pytest.raises(DicomRejected, match="File Meta Information") as rejected:
         decode_dicom_bytes(bytes(data[:238]), _config())
     assert rejected.value.kind == dicom_decode.CORRUPT_HEADER
+
+
+def _exit_now():
+    os._exit(3)
+
+
+def test_the_capped_decode_process_refuses_allocations_past_its_headroom():
+    child = CappedProcess("transforms.dicom_decode", 64 * dicom_decode.MIB)
+    try:
+        limit = child.call(address_space_limit)
+        assert limit not in (resource.RLIM_INFINITY, address_space_limit())  # capped; this process is not
+        child.call(np.ones, 16 << 20, np.uint8)  # 16 MiB: inside the headroom
+        with pytest.raises(MemoryError):
+            child.call(np.ones, 256 << 20, np.uint8)
+        with pytest.raises(ChildFailed):
+            child.call(_exit_now)
+        assert abs(child.call(address_space_limit) - limit) < 16 << 20  # a fresh child, capped the same way
+    finally:
+        child.close()
+
+
+def _summary(output):
+    if hasattr(output, "tag"):
+        return output.tag, output.value["reason"]
+    return output.image.tobytes(), output.scale, output.original_shape
+
+
+def test_a_decode_past_its_cap_is_too_large_and_the_capped_decoder_matches_the_in_process_one():
+    names = [name for name in FILES if MANIFEST["files"][name]["expect"] != "decoded"][:3] + [
+        name for name in FILES if MANIFEST["files"][name]["expect"] == "decoded"][:3]
+    capped, direct = DecodeDicomFn(_config()), DecodeDicomFn(dataclasses.replace(_config(), decode_headroom_bytes=None))
+    tiny = DecodeDicomFn(dataclasses.replace(_config(), decode_headroom_bytes=24 << 20))
+    for fn in (capped, direct, tiny):
+        fn.setup()
+    try:
+        for name in names:
+            fetched = FetchedDicom({"uri": str(CORPUS / name), "sop_instance_uid": name, "patient_key": "k"},
+                                   (CORPUS / name).read_bytes())
+            outputs = [[_summary(out) for out in fn.process(fetched, timestamp=Timestamp(0))] for fn in (capped, direct)]
+            assert outputs[0] == outputs[1], name
+        # A 2048 x 2048 radiograph decodes within the default cap, not within 24 MiB of headroom.
+        ds = pydicom.dcmread(CORPUS / "valid_native.dcm")
+        ds.Rows = ds.Columns = 2048
+        ds.PixelData = np.random.default_rng(0).integers(0, 4096, (2048, 2048), dtype=np.uint16).tobytes()
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        big = FetchedDicom({"uri": "big.dcm", "sop_instance_uid": "big", "patient_key": "k"}, buffer.getvalue())
+        (decoded,) = capped.process(big, timestamp=Timestamp(0))
+        assert decoded.original_shape == (2048, 2048)
+        (rejected,) = tiny.process(big, timestamp=Timestamp(0))
+        assert rejected.value["reason"].startswith(dicom_decode.TOO_LARGE + ": "), rejected.value["reason"]
+        small = FetchedDicom(big.reference, (CORPUS / "valid_native.dcm").read_bytes())
+        (decoded,) = tiny.process(small, timestamp=Timestamp(0))  # the decoder lives on for the next image
+        assert decoded.original_shape == (64, 64)
+    finally:
+        for fn in (capped, direct, tiny):
+            fn.teardown()

@@ -38,6 +38,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
 
 from model.preprocess import MONOCHROME, PreparedImage, prepare_dicom
+from transforms.capped_process import CappedProcess, ChildFailed
 from transforms.dead_letters import DEAD_LETTERS
 from transforms.dicom_codestream import UNDERSTOOD_SYNTAXES, CodestreamRefused, check_frame
 from transforms.dicom_fetch import FetchDicomFn, FetchedDicom, reference_dead_letter
@@ -90,6 +91,9 @@ class DicomRejected(Exception):
         self.kind = kind
         self.detail = detail
 
+    def __reduce__(self):  # raised in the capped decode process, re-raised here
+        return DicomRejected, (self.kind, self.detail)
+
 
 @dataclasses.dataclass(frozen=True)
 class DicomReadConfig:
@@ -104,6 +108,9 @@ class DicomReadConfig:
     max_file_bytes: largest file fetched (checked before reading).
     max_pixel_bytes: largest declared pixel data, Rows x Columns x frames x bytes per sample
         x Samples per Pixel, checked before decoding.
+    decode_headroom_bytes: decode in a child process whose address space is capped at its size
+        after imports plus this many bytes (`transforms.capped_process`: defence in depth behind
+        the codestream checks); None decodes in the worker's own process.
     dicomweb: a `transforms.dicomweb.DicomWebAccess` when references may be WADO-RS URLs
         (allow-listed base URLs, a credentials reference); None refuses http(s) uris.
     """
@@ -115,6 +122,7 @@ class DicomReadConfig:
     require_chest: bool = True
     max_file_bytes: int = 128 * MIB
     max_pixel_bytes: int = 64 * MIB
+    decode_headroom_bytes: int | None = 1024 * MIB
     dicomweb: object | None = None
 
     def __post_init__(self):
@@ -126,8 +134,10 @@ class DicomReadConfig:
                 raise ValueError(f"allowed_prefixes must hold non-empty strings, got {prefix!r}")
             if ".." in prefix.replace("\\", "/").split("/"):
                 raise ValueError(f"allowed prefix {prefix!r} must not contain '..'")
-        for name in ("target_size", "max_file_bytes", "max_pixel_bytes"):
+        for name in ("target_size", "max_file_bytes", "max_pixel_bytes", "decode_headroom_bytes"):
             value = getattr(self, name)
+            if value is None and name == "decode_headroom_bytes":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.frame, bool) or not isinstance(self.frame, int) or self.frame < 0:
@@ -163,6 +173,8 @@ def decode_dicom_bytes(data: bytes, config: DicomReadConfig) -> PreparedImage:
         raise DicomRejected(CORRUPT_HEADER, f"{type(error).__name__} (message withheld)") from None
     try:
         prepared = prepare_dicom(ds, target_size=config.target_size, frame=config.frame)
+    except MemoryError:  # past the capped decode process's address space (`decode_headroom_bytes`)
+        raise DicomRejected(TOO_LARGE, "decoding needed more memory than the decoder's cap") from None
     except BaseException as error:  # plugins raise ValueError, RuntimeError, OSError, pyo3 panics...
         _reraise_interrupts(error)
         raise DicomRejected(CORRUPT_PIXELS, f"{type(error).__name__} (message withheld)") from None
@@ -323,15 +335,36 @@ def _syntax_shown(syntax: UID) -> str:
 
 
 class DecodeDicomFn(beam.DoFn):
-    """FetchedDicom -> DecodedStudy (main output) or a dead letter (``DEAD_LETTERS``), same timestamp."""
+    """FetchedDicom -> DecodedStudy (main output) or a dead letter (``DEAD_LETTERS``), same timestamp.
+
+    Decodes in a capped child process (one per DoFn instance) unless ``decode_headroom_bytes`` is None.
+    """
 
     def __init__(self, config: DicomReadConfig):
         self._config = config
         self._decoded = Metrics.counter(STAGE, "images_decoded")
+        self._child = None
+
+    def setup(self):
+        if self._config.decode_headroom_bytes is not None:
+            self._child = CappedProcess(__name__, self._config.decode_headroom_bytes)
+
+    def teardown(self):
+        if self._child is not None:
+            self._child.close()
+
+    def _decode(self, data: bytes) -> PreparedImage:
+        if self._child is None:
+            return decode_dicom_bytes(data, self._config)
+        try:
+            return self._child.call(decode_dicom_bytes, data, self._config)
+        except ChildFailed:
+            Metrics.counter(STAGE, "capped_decoder_restarts").inc()
+            raise DicomRejected(TOO_LARGE, "the capped decode process died (memory cap)") from None
 
     def process(self, fetched: FetchedDicom, timestamp=beam.DoFn.TimestampParam):
         try:
-            prepared = decode_dicom_bytes(fetched.data, self._config)
+            prepared = self._decode(fetched.data)
         except DicomRejected as error:
             yield TaggedOutput(DEAD_LETTERS,
                                reference_dead_letter(STAGE, str(error), fetched.reference, timestamp))
