@@ -1,8 +1,9 @@
 """tf.Transform features (transforms/features.py): analysed over history, applied in batch and streaming.
 
 One small simulated hospital is run in batch; its twin tables are the history. The analysis job runs
-on the DirectRunner and on Prism (one Prism job service for the session, as tests/test_runners.py
-starts it); the applied statistics are compared with numpy over the same final rows.
+on the DirectRunner, Prism and Flink (the session's job services, tests/conftest.py); the statistics
+each applies are compared with numpy over the same final rows, in batch on all three, in streaming
+on the DirectRunner (a TestStream) and through `medtwin run --streaming` on Prism and Flink.
 """
 
 import datetime as dt
@@ -23,14 +24,12 @@ from transforms import features as F
 from transforms.dead_letters import DEAD_LETTERS
 
 
-@pytest.fixture(scope="session")
-def prism_endpoint(job_endpoints):
-    """The session's Prism job service (tests/conftest.py): ``host:port``."""
-    return job_endpoints["prism"]
-
-
-def prism_args(endpoint: str) -> list[str]:
-    return ["--runner=PrismRunner", f"--job_endpoint={endpoint}", "--environment_type=LOOPBACK"]
+def runner_args(runner: str, endpoints: dict) -> list[str]:
+    """Beam flags for a job on `runner` through the session's job services (none for the DirectRunner)."""
+    if runner == "direct":
+        return []
+    name = "PrismRunner" if runner == "prism" else "FlinkRunner"
+    return [f"--runner={name}", f"--job_endpoint={endpoints[runner]}", "--environment_type=LOOPBACK"]
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +42,11 @@ def history(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def artifacts(history, prism_endpoint, tmp_path_factory):
-    """{"direct": path, "prism": path}: the same history analysed on each runner."""
+def artifacts(history, job_endpoints, tmp_path_factory):
+    """{runner: path}: the same history analysed on each runner of the matrix."""
     root = tmp_path_factory.mktemp("features")
-    return {"direct": F.analyse_history([history], str(root / "direct")),
-            "prism": F.analyse_history([history], str(root / "prism"), prism_args(prism_endpoint))}
+    return {runner: F.analyse_history([history], str(root / runner), runner_args(runner, job_endpoints))
+            for runner in ("direct", "prism", "flink")}
 
 
 def _final_rows(history: str, table: str) -> list[dict]:
@@ -66,12 +65,13 @@ def _complete(subject: str, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r, x in pairs if x is not None], [x for _, x in pairs if x is not None]
 
 
-def test_analysis_on_prism_gives_the_same_version_as_on_the_direct_runner(artifacts):
-    assert artifacts["direct"].rsplit("/", 1)[-1] == artifacts["prism"].rsplit("/", 1)[-1]
-    assert F.FeatureArtifact(artifacts["prism"]).version.startswith("feat-")
+@pytest.mark.parametrize("runner", ("prism", "flink"))
+def test_analysis_on_a_real_runner_gives_the_same_version_as_on_the_direct_runner(artifacts, runner):
+    assert artifacts["direct"].rsplit("/", 1)[-1] == artifacts[runner].rsplit("/", 1)[-1]
+    assert F.FeatureArtifact(artifacts[runner]).version.startswith("feat-")
 
 
-@pytest.mark.parametrize("runner", ("direct", "prism"))
+@pytest.mark.parametrize("runner", ("direct", "prism", "flink"))
 def test_patient_z_scores_and_deciles_equal_numpy_over_the_history(history, artifacts, runner):
     rows, inputs = _complete("patient", _final_rows(history, "patient_twin"))
     assert len(rows) > 100, "too little history to compare"
@@ -92,7 +92,7 @@ def test_patient_z_scores_and_deciles_equal_numpy_over_the_history(history, arti
         assert (got == expected).mean() >= 0.9, name
 
 
-@pytest.mark.parametrize("runner", ("direct", "prism"))
+@pytest.mark.parametrize("runner", ("direct", "prism", "flink"))
 def test_device_z_scores_per_model_rates_and_error_vocabulary_equal_numpy(history, artifacts, runner):
     rows, inputs = _complete("device", _final_rows(history, "device_twin"))
     assert len(rows) > 20, "too little history to compare"
@@ -155,14 +155,13 @@ def _apply(subject, rows, artifact_path, beam_args, streaming=False):
     return summary, options
 
 
-@pytest.mark.parametrize("runner", ("direct", "prism"))
-def test_batch_pipeline_applies_the_artifact_and_names_its_version(history, artifacts, prism_endpoint, runner):
+@pytest.mark.parametrize("runner", ("direct", "prism", "flink"))
+def test_batch_pipeline_applies_the_artifact_and_names_its_version(history, artifacts, job_endpoints, runner):
     rows = _final_rows(history, "patient_twin")[:300]
     artifact = F.FeatureArtifact(artifacts["direct"])
     complete, inputs = _complete("patient", rows)
     vectors = artifact.transform("patient", inputs)
-    summary, options = _apply("patient", rows, artifacts[runner],
-                              prism_args(prism_endpoint) if runner == "prism" else [])
+    summary, options = _apply("patient", rows, artifacts[runner], runner_args(runner, job_endpoints))
     expected = [summary(({**row, "features_version": artifact.version}, vector))
                 for row, vector in zip(complete, vectors)]
     expected += [summary((row, None)) for row in rows if F.raw_inputs("patient", row) is None]
