@@ -324,29 +324,59 @@ def _difference(value: float | None, baseline: float | None) -> float | None:
     return value - baseline if value is not None and baseline is not None else None
 
 
+BLOCK_SECONDS = 3600  # batch: a patient's samples are combined about an hour (whole windows) at a time
+
+
+def _patient_block(policy: WindowPolicy, block_us: int):
+    """(patient_key, SampleChunk) -> ((patient_key, block start), chunk): the hour of the chunk's window."""
+    def keyed(element):
+        key, chunk = element
+        window_start_us = policy.window_start_us(int(chunk.times_us[0]))
+        return (key, window_start_us - window_start_us % block_us), chunk
+    return keyed
+
+
+class BlockWindowStatisticsFn(beam.DoFn):
+    """Batch: ((patient_key, block start), WindowedSamples) -> (patient_key, (window_start_us, stats)) per window.
+
+    A block holds at most `BLOCK_SECONDS` of one patient's samples, however long the run: the
+    ``batch_block_samples_held`` distribution records how many samples each block held.
+    """
+
+    def __init__(self):
+        self._held = Metrics.distribution("patient_twin", "batch_block_samples_held")
+
+    def process(self, element):
+        (key, _), samples = element
+        self._held.update(len(samples.times_us))
+        for start_us, stats in window_statistics(samples):
+            yield key, (start_us, stats)
+
+
 class FoldPatientTimelineFn(beam.DoFn):
-    """Batch: (patient_key, WindowedSamples), with all observations by patient -> rows and alerts.
+    """Batch: (patient_key, [(window_start_us, stats)]), with all observations by patient -> rows and alerts.
 
     In batch every window is complete and every observation is known up front, so one call per
-    patient does what the streaming path spreads over windowed panes and a stateful DoFn: it
-    computes each window's statistics from the patient's samples (`window_statistics`, the rules
-    of `VitalStatsFn`) and judges the windows in order with `PatientStateFn`'s own rules. On the
-    Python SDK the per-element and per-window cost of windowing, triggers and state dominates a
-    batch run; here a patient is one element. Memory: one patient's samples of the whole run
-    (a day at 1 Hz is about 6 MB).
+    patient judges the patient's windows in order with `PatientStateFn`'s own rules, from the
+    statistics `BlockWindowStatisticsFn` computed (the rules of `VitalStatsFn`). Memory: the
+    windows' statistics (about 1 KB a window), not their samples; the ``batch_fold_windows_held``
+    distribution records how many windows each call held.
     """
 
     def __init__(self, config: PatientTwinConfig):
         self._rules = PatientStateFn(config)
         self._policy = config.policy
+        self._held = Metrics.distribution("patient_twin", "batch_fold_windows_held")
 
     def process(self, element, observations):
-        key, samples = element
+        key, windows = element
+        windows = sorted(windows, key=lambda window: window[0])
+        self._held.update(len(windows))
         history = PatientHistory()
         # Observations are remembered as the timeline reaches them, as a stream would deliver them:
         # the history keeps a bounded number, which must be those around the window being judged.
         pending = collections.deque(sorted(observations[key], key=lambda observation: observation["event_time"]))
-        for start_us, stats in window_statistics(samples):
+        for start_us, stats in windows:
             pane = _batch_pane(stats, start_us, self._policy)
             window_end = as_datetime(pane["window_end_us"])
             while pending and pending[0]["event_time"] <= window_end:
@@ -370,9 +400,11 @@ class PatientTwin(beam.PTransform):
 
     Streaming: chunks are windowed (`ApplyWindowPolicy`), combined per window (`VitalStatsFn`) and
     judged pane by pane with state and timers (`PatientStateFn`). Batch: each patient's chunks are
-    combined into one block before the shuffle, each chunk in the fixed window of its first
-    sample, its event timestamp (`CollectWindowedSamplesFn`), and the block is folded in one call
-    with the patient's observations (`FoldPatientTimelineFn`); nothing can be too late.
+    combined an hour at a time into a block before the shuffle, each chunk in the fixed window of
+    its first sample, its event timestamp (`CollectWindowedSamplesFn`); each block gives its
+    windows' statistics (`BlockWindowStatisticsFn`), and a patient's windows are folded in order
+    in one call with the patient's observations (`FoldPatientTimelineFn`); nothing can be too late.
+    Samples held at once: one patient-hour, whatever the run's length.
     Both give the same final rows.
     """
 
@@ -384,12 +416,20 @@ class PatientTwin(beam.PTransform):
         policy = self._config.policy
         observations = inputs["observations"]
         if not policy.streaming:
-            samples = inputs["chunks"] | "CollectPerPatient" >> beam.CombinePerKey(CollectWindowedSamplesFn(policy))
+            # Whole windows per block: a window's chunks all meet in one block.
+            block_us = policy.window_seconds * 1_000_000 * max(1, BLOCK_SECONDS // policy.window_seconds)
+            windows = (
+                inputs["chunks"]
+                | "ByPatientHour" >> beam.Map(_patient_block(policy, block_us))
+                | "CollectPerPatientHour" >> beam.CombinePerKey(CollectWindowedSamplesFn(policy))
+                | "WindowStatistics" >> beam.ParDo(BlockWindowStatisticsFn())
+                | "WindowsPerPatient" >> beam.GroupByKey()
+            )
             # Nurse observations are few (a handful per patient and day): a side input, looked up by patient.
-            outputs = samples | "FoldTimeline" >> beam.ParDo(
+            outputs = windows | "FoldTimeline" >> beam.ParDo(
                 FoldPatientTimelineFn(self._config), observations=beam.pvalue.AsMultiMap(observations),
             ).with_outputs(ALERTS, main="patient_twin")
-            too_late = samples.pipeline | "NoTooLateInBatch" >> beam.Create([])
+            too_late = windows.pipeline | "NoTooLateInBatch" >> beam.Create([])
             return {"patient_twin": outputs.patient_twin, ALERTS: outputs[ALERTS], DEAD_LETTERS: too_late}
         windowed = inputs["chunks"] | "WindowSamples" >> ApplyWindowPolicy(
             policy, stage="window_wearables", describe=_describe_chunk)
