@@ -110,6 +110,8 @@ def simulate(root: Path, patients: int, minutes: float, patients_per_device: int
         for line in path.read_bytes().splitlines():
             upload = json.loads(line)
             per_patient[upload["patient_id"]] += len(upload["samples"])
+    if not per_patient:
+        raise ValueError(f"{patients} patients x {minutes:g} min landed no wearable upload: simulate longer")
     return summary.samples, max(per_patient.values()) / sum(per_patient.values())
 
 
