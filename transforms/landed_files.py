@@ -174,14 +174,21 @@ def _inflate_whole(data: bytes, kind: str) -> bytes:
         data, MAX_INFLATED_BYTES)
 
 
-def avro_claimed_records(data: bytes) -> int | None:
-    """The sum of the record counts an Avro container's blocks claim, walking block headers only.
+class AvroBlocks(NamedTuple):
+    """An Avro container's layout: where its header ends and where each block lies."""
 
-    Avro object container (Avro 1.11 spec, "Object Container Files"): magic ``Obj\\x01``, a metadata
+    header_end: int                        # bytes of magic, metadata and sync marker
+    blocks: tuple[tuple[int, int, int], ...]  # (start, end, claimed record count) of each block walked
+    whole: bool                            # every block parsed and ended in the sync marker, up to the file's end
+
+
+def avro_blocks(data: bytes) -> AvroBlocks | None:
+    """An Avro container's blocks, walking block headers only; None when the file header does not parse.
+
+    Avro object container (Avro 1.11 spec, "Object Container Files"): magic ``Obj\x01``, a metadata
     map, a 16-byte sync marker, then blocks of (long count, long size, size bytes, sync).  A block
-    whose count can be read counts even when its data is cut short; the walk ends at the first
-    header that does not parse or a sync marker that does not match.  None when the file header
-    itself does not parse.
+    whose count can be read is listed even when its data is cut short; the walk ends at the first
+    header that does not parse or a sync marker that does not match (``whole`` is then False).
     """
     reader = _Reader(data)
     try:
@@ -200,8 +207,10 @@ def avro_claimed_records(data: bytes) -> int | None:
         sync = reader.take(_SYNC_BYTES)
     except ValueError:
         return None
-    claimed = 0
+    header_end, blocks = reader.position, []
+    walked = header_end  # the end of the last block that ended in the sync marker
     while reader.position < len(data):
+        start = reader.position
         try:
             count = reader.long()
             size = reader.long()
@@ -209,12 +218,19 @@ def avro_claimed_records(data: bytes) -> int | None:
             break
         if count < 0 or size < 0:
             break
-        claimed += count
-        if reader.position + size + _SYNC_BYTES > len(data) or data[
-                reader.position + size:reader.position + size + _SYNC_BYTES] != sync:
+        end = reader.position + size + _SYNC_BYTES
+        blocks.append((start, end, count))
+        if end > len(data) or data[end - _SYNC_BYTES:end] != sync:
             break  # cut short or damaged: this block's count is what it claimed
-        reader.position += size + _SYNC_BYTES
-    return claimed
+        reader.position = walked = end
+    return AvroBlocks(header_end, tuple(blocks), walked == len(data))
+
+
+def avro_claimed_records(data: bytes) -> int | None:
+    """The sum of the record counts an Avro container's blocks claim (`avro_blocks`); None when
+    the file header itself does not parse."""
+    layout = avro_blocks(data)
+    return None if layout is None else sum(count for _, _, count in layout.blocks)
 
 
 MAX_AVRO_BLOCK_BYTES = 64 << 20  # most bytes one Avro block may inflate to (ours: a few hundred KiB)

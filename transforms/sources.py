@@ -2,7 +2,7 @@
 
 * `ReadLandedFiles`   batch: the files of one stream under ``DIR/<stream>/date=*/``
   (JSON Lines ``*.jsonl`` or Avro ``*.avro``), as written by the simulator or a
-  landing bucket.
+  landing bucket; big files in ranges spread over the workers.
 * `ReplayLandedFiles` local streaming: the same files replayed in arrival order
   through a `TestStream`, the watermark trailing arrival time by a fixed lag, so
   early, on-time, late and too-late data happen as they would live (DirectRunner).
@@ -22,7 +22,7 @@ import datetime as dt
 import io
 import os
 import re
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 import fastavro
@@ -36,6 +36,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms.decode import MAX_AHEAD_OF_ARRIVAL, RawRecord, UnreadableInput, to_micros
 from transforms.landed_files import (
+    avro_blocks,
     avro_claimed_records,
     avro_inflation_problem,
     compressed_kind,
@@ -94,9 +95,7 @@ def records_in_file(path: str, data: bytes, relative_to: str = "",
         yield RawRecord(source, UnreadableInput(reason, counted.records, stage="read_files"), when)
         return
     if path.endswith(".jsonl"):
-        for number, line in enumerate(data.splitlines(), start=1):
-            if line.strip():
-                yield RawRecord(f"{name}:{number}", line, arrival)
+        yield from _jsonl_records(name, data, arrival)
         return
     refused = avro_inflation_problem(data)
     if refused is not None:
@@ -104,17 +103,128 @@ def records_in_file(path: str, data: bytes, relative_to: str = "",
         yield RawRecord(name, UnreadableInput(f"Avro file not read: {refused}; its blocks claimed "
                                               f"{claimed or 0} record(s)", max(claimed or 0, 1)), arrival)
         return
+    yield from _avro_records(name, data, arrival)
+
+
+def _jsonl_records(name: str, data: bytes, arrival: dt.datetime, first: int = 1) -> Iterator[RawRecord]:
+    """JSON Lines -> one RawRecord per non-empty line, named ``<name>:<line number>`` from `first`."""
+    for number, line in enumerate(data.splitlines(), start=first):
+        if line.strip():
+            yield RawRecord(f"{name}:{number}", line, arrival)
+
+
+def _avro_records(name: str, data: bytes, arrival: dt.datetime, first: int = 1,
+                  claimed: int | None = None) -> Iterator[RawRecord]:
+    """An Avro container (or a file header and some of its blocks) -> one RawRecord per record, named
+    ``<name>#<record number>`` from `first`; damage part way is one dead letter counting the rest of
+    what the blocks claimed (`claimed`, or the container's own walk)."""
     read = 0
     try:
         for read, record in enumerate(fastavro.reader(io.BytesIO(data)), start=1):
-            yield RawRecord(f"{name}#{read}", record, arrival)
+            yield RawRecord(f"{name}#{first - 1 + read}", record, arrival)
     except Exception as error:  # fastavro raises many exception types on damaged files
-        claimed = avro_claimed_records(data)
+        claimed = avro_claimed_records(data) if claimed is None else claimed
         lost = max((claimed or 0) - read, 1)
         yield RawRecord(name, UnreadableInput(
-            f"unreadable Avro file from record {read + 1}: {type(error).__name__}; "
+            f"unreadable Avro file from record {first + read}: {type(error).__name__}; "
             f"{'its blocks claimed ' + str(claimed) + ' record(s)' if claimed is not None else 'no readable header'}",
             lost), arrival)
+
+
+# ------------------------------------------------------------------------------- batch reads in ranges
+
+DEFAULT_SPLIT_BYTES = 64 << 20  # a landed file bigger than this is read in ranges of about this size
+_SCAN_BYTES = 8 << 20           # how much of a JSON Lines file the planner reads at a time
+
+
+class FileRange(NamedTuple):
+    """What one read covers: a whole landed file (``end`` None), or its records between two offsets.
+
+    JSON Lines ranges start after a newline and end after one; Avro ranges hold whole blocks and
+    are read behind the file's header (``header_end`` bytes). ``first`` numbers the range's first
+    line or record as a whole-file read would, so record names do not depend on the split;
+    ``claimed`` is what an Avro range's blocks claim.
+    """
+
+    path: str
+    listed: dt.datetime | None = None  # the listing's time: the arrival of a file outside the layout
+    start: int = 0
+    end: int | None = None
+    first: int = 1
+    header_end: int = 0
+    claimed: int = 0
+
+
+def plan_file_ranges(metadata, split_bytes: int = DEFAULT_SPLIT_BYTES) -> list[FileRange]:
+    """A listed file (Beam `FileMetadata`) -> the FileRanges that read it: one for a file of at most
+    `split_bytes`, one outside the landing layout, compressed, damaged or refused (`records_in_file`
+    reads those whole and counts them); else ranges of about `split_bytes` on record boundaries.
+
+    Memory: a JSON Lines file is scanned `_SCAN_BYTES` at a time, about one range held at once; an
+    Avro file is held whole while its blocks are walked and checked (`avro_inflation_problem`).
+    """
+    whole = [FileRange(metadata.path, _listed_time(metadata))]
+    if metadata.size_in_bytes <= split_bytes or layout_arrival(metadata.path) is None:
+        return whole
+    read = _jsonl_ranges if metadata.path.endswith(".jsonl") else _avro_ranges
+    return read(metadata.path, split_bytes) or whole
+
+
+def _jsonl_ranges(path: str, split_bytes: int) -> list[FileRange] | None:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        buffer = bytearray(handle.read(_SCAN_BYTES))
+        if compressed_kind(bytes(buffer[:8])) is not None:
+            return None
+        ranges, start, first = [], 0, 1
+        while True:
+            cut = buffer.find(b"\n", split_bytes - 1) + 1 if len(buffer) >= split_bytes else 0
+            if not cut:
+                chunk = handle.read(_SCAN_BYTES)
+                if chunk:
+                    buffer += chunk
+                    continue
+                if buffer:
+                    ranges.append(FileRange(path, None, start, start + len(buffer), first))
+                return ranges
+            ranges.append(FileRange(path, None, start, start + cut, first))
+            first += len(bytes(buffer[:cut]).splitlines())  # the numbering of `_jsonl_records` on the whole
+            start += cut
+            del buffer[:cut]
+
+
+def _avro_ranges(path: str, split_bytes: int) -> list[FileRange] | None:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        data = handle.read()
+    layout = avro_blocks(data)
+    if compressed_kind(data[:8]) is not None or layout is None or not layout.whole or avro_inflation_problem(data):
+        return None
+    ranges, first = [], 1
+    for block in layout.blocks:
+        current = ranges[-1] if ranges else None
+        if current is None or current.end - current.start >= split_bytes:
+            ranges.append(FileRange(path, None, block[0], block[1], first, layout.header_end, block[2]))
+        else:
+            ranges[-1] = current._replace(end=block[1], claimed=current.claimed + block[2])
+        first += block[2]
+    return ranges
+
+
+def records_in_range(file_range: FileRange, relative_to: str = "") -> Iterator[RawRecord]:
+    """A FileRange -> its RawRecords, as `records_in_file` gives them for the whole file. Never raises."""
+    path = file_range.path
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        if file_range.end is None:
+            yield from records_in_file(path, handle.read(), relative_to, file_range.listed)
+            return
+        header = handle.read(file_range.header_end)
+        handle.seek(file_range.start)
+        data = handle.read(file_range.end - file_range.start)
+    name = os.path.relpath(path, relative_to) if relative_to else path
+    arrival = layout_arrival(path)
+    if path.endswith(".jsonl"):
+        yield from _jsonl_records(name, data, arrival, file_range.first)
+    else:
+        yield from _avro_records(name, header + data, arrival, file_range.first, file_range.claimed)
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -138,26 +248,36 @@ class ReadLandedFiles(beam.PTransform):
     crash.  Completion markers (``.done``) are expected and skipped.  Files are read as stored
     (no decompression by name).  `dates` (``YYYY-MM-DD`` strings) limits the read to those
     arrival days' folders, for backfills.
+
+    A file bigger than `split_bytes` is planned into ranges on record boundaries
+    (`plan_file_ranges`: JSON Lines after a newline, Avro in whole blocks) and a Reshuffle spreads
+    the ranges over the workers, where each is read and, fused with the read, decoded: one big
+    hourly upload is parsed by many workers, not one. Records are named as a whole-file read
+    names them (line or record number), whatever the split. Hand-made rather than Beam's
+    ``ReadAllFromText(with_filename=True)`` / ``ReadAllFromAvro``: those give lines without their
+    numbers, raise on a damaged Avro block, and do not count a compressed or misplaced file as
+    one dead letter; the ranges here are planned once per file (no dynamic splitting).
     """
 
-    def __init__(self, input_dir: str, stream: str, dates: tuple[str, ...] | None = None):
+    def __init__(self, input_dir: str, stream: str, dates: tuple[str, ...] | None = None, *,
+                 split_bytes: int = DEFAULT_SPLIT_BYTES):
         super().__init__()
         self._input_dir = input_dir
         self._stream = stream
         self._dates = dates
+        self._split_bytes = split_bytes
 
     def expand(self, pipeline):
-        root = self._input_dir
+        root, split_bytes = self._input_dir, self._split_bytes
         patterns = stream_listing_patterns(root, self._stream, self._dates)
         return (
             pipeline
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
             | "NotMarkers" >> beam.Filter(lambda m: not is_completion_marker(m.path, COMPLETION_SUFFIX))
-            | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
-            | "RecordsAtArrival" >> beam.FlatMap(
-                lambda f: timestamped_at_arrival(records_in_file(
-                    f.metadata.path, f.read(), root, _listed_time(f.metadata))))
+            | "PlanRanges" >> beam.FlatMap(plan_file_ranges, split_bytes)
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "RecordsAtArrival" >> beam.FlatMap(lambda r: timestamped_at_arrival(records_in_range(r, root)))
         )
 
 
