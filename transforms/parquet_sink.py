@@ -14,7 +14,9 @@ Batch (``--start/--end`` backfills and plain batch runs): a batch job *owns* a s
 (`SinkConfig.owned_dates`; a plain run owns every day its rows fall on) and replaces each owned
 (table, day) partition whole. Rows of days it does not own are not written: they belong to the
 job that owns that day. The files of a day are written by shard (``part-SSS-of-NNN.parquet``,
-rows sorted, so a re-run writes the same bytes); once every file is written (the side-input
+NNN from the day's row count and `SinkConfig.max_rows_per_file`, each row's shard from its
+identity, rows sorted, so a re-run writes the same bytes and a write step holds about one file's
+rows however big the day); once every file is written (the side-input
 barrier: only successful bundles' outputs reach it), one commit step (`_CommitPartitionsFn`)
 swaps each partition folder for the staged one in a single ``renameat2(RENAME_EXCHANGE)`` on a
 local file system, so readers see the old day or the new day, never a mix; a partition left
@@ -87,10 +89,21 @@ def partition_date(table: RecordDef, row: dict) -> str:
 
 
 def _shard(row: dict, table: RecordDef, shards: int) -> int:
+    """Streaming: the flush group of `row`, by its cluster columns (a row and its retries meet in one group)."""
     if shards == 1:
         return 0
     key = "|".join(str(row.get(c)) for c in table.cluster_fields)
     return zlib.crc32(key.encode("utf-8")) % shards
+
+
+def shards_for(rows: int, max_rows_per_file: int) -> int:
+    """Batch: how many files a partition of `rows` rows is written in."""
+    return max(1, -(-rows // max_rows_per_file))
+
+
+def _file_of(row: dict, table: RecordDef, shards: int) -> int:
+    """Batch: which of a partition's `shards` files holds `row`, by its identity (even spread, same every run)."""
+    return int.from_bytes(row_identity(table, row)[:8], "big") % shards
 
 
 def identity_columns(table: RecordDef) -> tuple[str, ...]:
@@ -191,18 +204,23 @@ class _PartitionFileFn(beam.DoFn):
 
 
 class _WriteStagedFileFn(_PartitionFileFn):
-    """((date, shard), rows) -> (table, date, shard, temporary path) of the file written with them."""
+    """((date, shard, shards), rows) -> (table, date, shard, shards, temporary path) of the file written."""
 
     FAULT_STAGE = "stage"
 
+    def setup(self):
+        super().setup()
+        self._rows = beam.metrics.Metrics.distribution("sink", f"{self._table.name}_rows_per_file")
+
     def process(self, element):
-        (date, shard), rows = element
+        (date, shard, shards), rows = element
         table = _sorted_table(self._table, rows, self._schema)
+        self._rows.update(table.num_rows)
         path = temporary_path(self._root, self._job_id, self._table.name, f"date={date}",
                               f"part-{shard:03d}-{uuid.uuid4().hex}.parquet")
         _write(table, path)
         self._faults.check(f"{date}|{shard}|{table.num_rows}")
-        yield self._table.name, date, shard, path
+        yield self._table.name, date, shard, shards, path
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -271,24 +289,27 @@ def _commit_local(root, job_id, table, date, staged, names) -> None:
 class _CommitPartitionsFn(beam.DoFn):
     """(the one trigger element; side inputs: every staged file, every day with rows) -> committed paths."""
 
-    def __init__(self, root: str, job_id: str, tables: tuple[str, ...], owned_dates, shards: int,
-                 atomic_swap: bool = True):
+    def __init__(self, root: str, job_id: str, tables: tuple[str, ...], owned_dates, atomic_swap: bool = True):
         self._root = root
         self._job_id = job_id
         self._tables = tables
         self._owned = tuple(owned_dates) if owned_dates else None
-        self._shards = shards
         self._atomic_swap = atomic_swap
 
     def process(self, _, staged, dates):
         owned = self._owned or tuple(sorted(set(dates)))
-        files = {}
-        for table, date, shard, path in staged:
+        files, counts = {}, {}
+        for table, date, shard, shards, path in staged:
             files.setdefault((table, date), []).append((shard, path))
+            counts[table, date] = shards
         for table in self._tables:
             for date in owned:
-                for path in commit_partition(self._root, self._job_id, table, date, files.get((table, date), []),
-                                             self._shards, atomic_swap=self._atomic_swap):
+                partition = files.get((table, date), [])
+                if len({shard for shard, _ in partition}) != len(partition):
+                    raise RuntimeError(f"{table} {date}: two staged files for one shard ({sorted(partition)}): "
+                                       "the runner delivered a file group twice; nothing was committed for it")
+                for path in commit_partition(self._root, self._job_id, table, date, partition,
+                                             counts.get((table, date), 1), atomic_swap=self._atomic_swap):
                     yield table, path
         scratch = temporary_path(self._root, self._job_id)
         if _is_local(scratch):
@@ -388,7 +409,7 @@ class WriteParquetTables(beam.PTransform):
             pipeline
             | "CommitOnce" >> beam.Create([None])
             | "CommitPartitions" >> beam.ParDo(
-                _CommitPartitionsFn(config.output, config.job_id, tuple(tables), config.owned_dates, config.shards),
+                _CommitPartitionsFn(config.output, config.job_id, tuple(tables), config.owned_dates),
                 staged=beam.pvalue.AsList(all_staged), dates=beam.pvalue.AsList(all_dates))
         )
         return {name: committed | f"Committed_{name}" >> beam.FlatMap(
@@ -397,7 +418,12 @@ class WriteParquetTables(beam.PTransform):
 
 
 class _StageFiles(beam.PTransform):
-    """Batch rows of one table -> (table, date, shard, temporary path) per (day, shard) file."""
+    """Batch rows of one table -> (table, date, shard, shards, temporary path) per file of a day.
+
+    A day of N rows is written in ``ceil(N / max_rows_per_file)`` files (`shards_for`; N counted
+    first, a side input), rows spread over them by identity: the rows one write step holds are
+    about `max_rows_per_file`, whatever the day's size, and the files' parallelism grows with it.
+    """
 
     def __init__(self, table: RecordDef, config):
         super().__init__()
@@ -406,9 +432,17 @@ class _StageFiles(beam.PTransform):
 
     def expand(self, rows):
         table, config = self._table, self._config
+        days = rows | "Days" >> beam.Map(lambda row: partition_date(table, row))
+        shards = (days
+                  | "RowsPerDay" >> beam.combiners.Count.PerElement()
+                  | "FilesPerDay" >> beam.MapTuple(lambda day, n: (day, shards_for(n, config.max_rows_per_file))))
+
+        def by_file(row, shards_of):
+            date = partition_date(table, row)
+            return (date, _file_of(row, table, shards_of[date]), shards_of[date]), row
+
         return (rows
-                | "ByDateAndShard" >> beam.Map(lambda row: (
-                    (partition_date(table, row), _shard(row, table, config.shards)), row))
+                | "ByDateAndFile" >> beam.Map(by_file, shards_of=beam.pvalue.AsDict(shards))
                 | "GroupFiles" >> beam.GroupByKey()
                 | "WriteStaged" >> beam.ParDo(
                     _WriteStagedFileFn(table, config.output, config.job_id, config.fail_once_dir)))

@@ -39,7 +39,9 @@ class SinkConfig:
       kind: "parquet" (local or gs:// directory) or "bigquery".
       output: the Parquet root directory, or the BigQuery dataset as ``project:dataset``.
       streaming: flush groups as rows come instead of once at the end.
-      shards: Parquet files per day and flush (parallelism of the write).
+      shards: streaming: Parquet flush groups per day (parallelism of the write).
+      max_rows_per_file: batch: a day's partition is written in files of about this many rows
+        (their number from the day's size: `parquet_sink.shards_for`); one write step holds one file's rows.
       flush_rows, flush_seconds: a streaming group is written after this many rows or this much
         processing time, whichever comes first.
       owned_dates: batch: the event days (``YYYY-MM-DD``) whose partitions this job replaces (a
@@ -52,6 +54,7 @@ class SinkConfig:
     output: str = "out"
     streaming: bool = False
     shards: int = 1
+    max_rows_per_file: int = 250_000
     flush_rows: int = 5000
     flush_seconds: int = 60
     owned_dates: tuple | None = None
@@ -61,6 +64,9 @@ class SinkConfig:
     def __post_init__(self):
         if self.kind not in ("parquet", "bigquery"):
             raise ValueError(f"unknown sink kind {self.kind!r}: use 'parquet' or 'bigquery'")
+        if self.shards < 1 or self.max_rows_per_file < 1:
+            raise ValueError(f"shards and max_rows_per_file must be at least 1, got {self.shards}, "
+                             f"{self.max_rows_per_file}")
         if self.kind == "bigquery" and ":" not in self.output and "." not in self.output:
             raise ValueError(f"a BigQuery output is 'project:dataset', got {self.output!r}")
 
