@@ -20,6 +20,7 @@ from transforms.detect import DEVICES, InferenceConfig, model_input_size
 from transforms.device_twin import DeviceTwinConfig
 from transforms.patient_twin import PatientTwinConfig
 from transforms.pseudonymise import KeyReference, resolve_key_reference
+from transforms.rescore import RescoreConfig
 from transforms.sinks import SinkConfig
 from transforms.dicom_decode import DicomReadConfig
 from transforms.dicomweb import CredentialsReference, DicomWebAccess
@@ -77,6 +78,7 @@ class ImagingConfig:
     inference: InferenceConfig
     triage: TriageConfig
     reports: ReportConfig | None = None  # DICOM SRs of the findings: folder beside the tables and/or the PACS
+    rescore: RescoreConfig | None = None  # --model_watch with --rescore_hours: re-score recent studies on a swap
 
     def __post_init__(self):
         if self.read.target_size != model_input_size(self.inference):
@@ -184,6 +186,7 @@ def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: Devi
             source_kind == "replay" and source.replay_test_clock) else None),
         score_threshold=args.score_threshold, share_across_processes=not args.model_per_process,
         model_watch=_model_watch(args, streaming), model_watch_interval_secs=args.model_watch_interval,
+        model_watch_stop_seconds=args.model_watch_stop_seconds,
         # `medtwin launch --gpu TYPE`: the inference step alone asks for that accelerator.
         accelerator=accelerator_hint(getattr(args, "gpu", None), getattr(args, "gpu_machine_type", None)))
     pacs = (DicomWebAccess(base_urls=tuple(url.rstrip("/") for url in args.pacs_url),
@@ -200,6 +203,8 @@ def _imaging_config(args: argparse.Namespace, source: SourceConfig, device: Devi
         reports=ReportConfig(folder=folder, pacs=pacs, allowed_prefixes=prefixes,
                              max_file_bytes=read.max_file_bytes) if folder or pacs else None,
         inference=inference,
+        rescore=(RescoreConfig(inference, hours=args.rescore_hours, positive_probability=args.positive_probability)
+                 if inference.model_watch and args.rescore_hours else None),
         # An image is flagged by the same device risk that raises a device alert.
         triage=TriageConfig(device_policy=device.policy, risk_threshold=device.risk.alert_threshold,
                             positive_probability=args.positive_probability,
@@ -329,6 +334,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                               "without a restart once it passes its checks (new files need new names)")
     imaging.add_argument("--model_watch_interval", type=Bounded(float, 1, 86400, "seconds"), default=60.0,
                          help="seconds between looks for a new checkpoint, 1-86400 [%(default)s]")
+    imaging.add_argument("--model_watch_stop_seconds", type=Bounded(float, 1, 30 * _DAY, "seconds"),
+                         help="stop watching for checkpoints this many seconds after launch, so the stream can "
+                              "end (tests, demos), 1-2592000 [watch for as long as the job runs]")
+    imaging.add_argument("--rescore_hours", type=Bounded(float, 0, 720, "hours"), default=24.0,
+                         help="with --model_watch: when a checkpoint is swapped in, re-score the studies of the "
+                              "last H hours of event time (before the newest study) and list the changed findings "
+                              "in the rescored table; 0: off, 0-720 [%(default)s]")
     imaging.add_argument("--inference_device", choices=DEVICES, default="auto",
                          help="auto: CUDA when the worker has it, else CPU [%(default)s]")
     imaging.add_argument("--inference_batch_size", type=Bounded(int, 1, 256), default=8,

@@ -4,7 +4,8 @@
     observations ─Decode─────────────┘                                             │
     device_logs ─Decode─► events ──DeviceTwin───► device_twin, alerts ──┐          │
     dicom_refs ──Decode─► refs ──ReadStudies──► images ──DetectOpacities─┴─FlagDeviceQuality─► detections
-                                                                 └─────(+ patient_twin)─TriageAlerts─► alerts
+                                                                 ├─────(+ patient_twin)─TriageAlerts─► alerts
+    checkpoints ──WatchCheckpoints─► model updates ──┴─(swap)─RescoreOnSwap──────────────────► rescored
     every stage ───────────────────────────────────────────────────────────────────► dead_letters
                                  all tables ──WriteTables──► Parquet | BigQuery
 
@@ -26,11 +27,12 @@ from transforms.decode import (
     DecodeObservationsFn,
     DecodeWearablesFn,
 )
-from transforms.detect import DetectOpacities
+from transforms.detect import SCORED, DetectOpacities, WatchCheckpoints
 from transforms.dicom_decode import ReadStudies
 from transforms.device_twin import DeviceTwin
 from transforms.patient_twin import PatientTwin
 from transforms.pseudonymise import Pseudonymiser
+from transforms.rescore import RescoreOnSwap
 from transforms.sinks import WriteTables
 from transforms.sources import (
     STREAMS,
@@ -107,10 +109,12 @@ class DecodeStreams(beam.PTransform):
 
 
 class Imaging(beam.PTransform):
-    """{"dicom_refs", "patient_twin", "device_twin"} -> {"detections", "alerts", "dead_letters"}.
+    """{"dicom_refs", "patient_twin", "device_twin"} -> {"detections", "alerts", "dead_letters"[, "rescored"]}.
 
     Every reference in is one detections row or one dead letter out (fetch_dicom,
-    decode_dicom, detect or structured_report); alerts are the triage alerts.
+    decode_dicom, detect or structured_report); alerts are the triage alerts. With
+    ``config.rescore`` (``--model_watch``, ``--rescore_hours``) the watched checkpoints swap the
+    model and re-score the recent studies each swap changes (`transforms.rescore`).
     """
 
     def __init__(self, config: ImagingConfig):
@@ -119,16 +123,25 @@ class Imaging(beam.PTransform):
 
     def expand(self, inputs):
         studies = inputs["dicom_refs"] | "ReadStudies" >> ReadStudies(self._config.read)
+        rescore = self._config.rescore
+        # One watch feeds both the model swap and the re-scoring.
+        updates = (inputs["dicom_refs"].pipeline | "WatchCheckpoints" >> WatchCheckpoints(self._config.inference)
+                   if rescore is not None else None)
         # With reports on, each image's findings also become a DICOM SR (folder and/or PACS), named by its row.
-        found = studies["images"] | "DetectOpacities" >> DetectOpacities(self._config.inference,
-                                                                         reports=self._config.reports)
+        found = studies["images"] | "DetectOpacities" >> DetectOpacities(
+            self._config.inference, reports=self._config.reports, model_updates=updates,
+            keep_scored=rescore is not None)
         detections = ({"detections": found["detections"], "device_twin": inputs["device_twin"]}
                       | "FlagDeviceQuality" >> FlagDeviceQuality(self._config.triage))
         # Triage does not wait for the device join: it needs only the image and the patient's NEWS2.
         alerts = ({"detections": found["detections"], "patient_twin": inputs["patient_twin"]}
                   | "TriageAlerts" >> TriageAlerts(self._config.triage))
         dead_letters = (studies[DEAD_LETTERS], found[DEAD_LETTERS]) | "ImagingDeadLetters" >> beam.Flatten()
-        return {"detections": detections, "alerts": alerts, DEAD_LETTERS: dead_letters}
+        outputs = {"detections": detections, "alerts": alerts, DEAD_LETTERS: dead_letters}
+        if rescore is not None:
+            outputs["rescored"] = ({"scored": found[SCORED], "model_updates": updates}
+                                   | "RescoreOnSwap" >> RescoreOnSwap(rescore))
+        return outputs
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
@@ -157,6 +170,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
         imaging = ({"dicom_refs": decoded["dicom_refs"], **tables}
                    | "Imaging" >> Imaging(config.imaging))
         tables["detections"] = imaging["detections"]
+        if "rescored" in imaging:
+            tables["rescored"] = imaging["rescored"]
         alerts.append(imaging["alerts"])
         dead_letters.append(imaging[DEAD_LETTERS])
     tables["alerts"] = alerts | "AllAlerts" >> beam.Flatten()

@@ -153,6 +153,41 @@ DETECTIONS = RecordDef(
     ),
 )
 
+RESCORE_CHANGES = ("became_positive", "became_negative", "boxes_added", "boxes_removed", "boxes_moved")
+
+RESCORED = RecordDef(
+    name="rescored",
+    doc="A recent study whose AI findings changed when a new detector checkpoint was swapped into the "
+        "running stream (one row per study and swap; not for clinical use).",
+    partition_field="acquisition_time",
+    cluster_fields=("patient_key", "model_version"),
+    fields=(
+        Field("sop_instance_uid", STRING, min_length=1, doc="(0008,0018) of the re-scored image."),
+        Field("study_instance_uid", STRING, min_length=1, doc="(0020,000D)"),
+        Field("series_instance_uid", STRING, min_length=1, doc="(0020,000E)"),
+        Field("patient_key", STRING, min_length=1, doc="Keyed pseudonym of the patient id."),
+        Field("device_id", STRING, min_length=1, doc="Acquiring device."),
+        Field("acquisition_time", TIMESTAMP, doc="Acquisition time."),
+        Field("model_name", STRING, doc="Detector architecture and config of the new checkpoint."),
+        Field("previous_model_version", STRING, doc="Weights version that scored the study before the swap."),
+        Field("model_version", STRING, doc="Weights version swapped in, which re-scored it."),
+        Field("previous_covid_probability", FLOAT, minimum=0, maximum=1,
+              doc="Image-level probability under the previous model."),
+        Field("covid_probability", FLOAT, minimum=0, maximum=1, doc="Image-level probability under the new model."),
+        Field("previous_positive", BOOL, doc="Positive for triage under the previous model (probability at or "
+                                             "above --positive_probability)."),
+        Field("positive", BOOL, doc="Positive for triage under the new model."),
+        Field("changes", STRING, repeated=True, choices=RESCORE_CHANGES,
+              doc="What changed: the triage decision (became_positive / became_negative) and the boxes."),
+        Field("boxes_added", INT, minimum=0, doc="New boxes matching no previous box (IoU < 0.5)."),
+        Field("boxes_removed", INT, minimum=0, doc="Previous boxes matching no new box."),
+        Field("boxes_moved", INT, minimum=0, doc="Matched boxes whose IoU with their previous box is below 0.9."),
+        Field("previous_boxes", RECORD, repeated=True, fields=BOX, record_name="PreviousBox",
+              doc="Opacities under the previous model."),
+        Field("boxes", RECORD, repeated=True, fields=BOX, record_name="Box", doc="Opacities under the new model."),
+    ),
+)
+
 ALERT_KINDS = ("news2_band", "device_failure_risk", "maintenance_overdue", "sensor_stale", "triage",
                "deterioration_risk", "device_failure_model", "wearable_conflict")
 ALERT_SEVERITIES = ("info", "warning", "urgent")
@@ -197,5 +232,8 @@ OUTPUT_TABLES = {
     "device_twin": DEVICE_TWIN,
     "detections": DETECTIONS,
     "alerts": ALERTS,
+    "rescored": RESCORED,
     "dead_letters": DEAD_LETTERS,
 }
+# Written only by a streaming job that swaps models (--model_watch): every other job leaves them empty.
+SWAP_TABLES = ("rescored",)

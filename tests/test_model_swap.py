@@ -1,16 +1,19 @@
-"""Hot model swap, the part that is built: a new checkpoint replaces the running model only once it
-passes its checks, and every row names the model that scored it.
+"""Hot model swap: a new checkpoint replaces the running model only once it passes its checks, every
+row names the model that scored it, and the recent studies a swap changes are listed in ``rescored``.
 
 `CascadeModelHandler.update_model_path` is what RunInference calls when its model-update side
 input (`--model_watch` → Beam's `WatchFilePattern`) brings a new file. Here the side input is a
 bounded `ModelMetadata` on the DirectRunner, so the real RunInference → update_model_path →
-load_model path runs; what a streaming runner adds (the file watch, the swap mid-stream, re-scoring
-the last hours into a `rescored` table) is not built yet: Prism 2.77 refuses triggered side inputs
-in the global window (apache/beam#31438) - see README, "Hot model swap".
+load_model path runs. `RescoreOnSwap` (transforms/rescore.py) is fed rows the old model scored and
+the same kind of update, and its rows are checked against the two checkpoints run directly on the
+images. Prism 2.77 refuses triggered side inputs in the global window (apache/beam#31438) - see
+README, "Hot model swap".
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import shutil
 
@@ -23,7 +26,16 @@ from apache_beam.testing.util import assert_that, equal_to
 from test_detect import WEIGHTS, cpu_config, synthetic_case
 
 from model.checkpoint import load_detector, save_detector
-from transforms.detect import CascadeModelHandler, DetectOpacities, checkpoint_problem, read_model_info
+from transforms.detect import (
+    CascadeDetector,
+    CascadeModelHandler,
+    DetectOpacities,
+    ImageDetections,
+    checkpoint_problem,
+    detection_row,
+    read_model_info,
+)
+from transforms.rescore import RescoreConfig, RescoreOnSwap, box_changes, rescored_row
 
 torch.set_num_threads(1)
 
@@ -31,7 +43,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{"v1": shipped, "v2": retrained (weights nudged, re-saved: a new version), "tampered": v2's JSON
-    naming v1's version}."""
+    naming v1's version, "stricter": v1 with every stage's opacity logit lowered by 6 (scores fall: some
+    boxes drop under the score threshold, one image falls under the positive threshold, one keeps its
+    findings)}."""
     root = tmp_path_factory.mktemp("checkpoints")
     loaded = load_detector(WEIGHTS)
     with torch.no_grad():
@@ -44,7 +58,14 @@ def checkpoints(tmp_path_factory):
     metadata = json.loads(v2.with_suffix(".json").read_text())
     tampered.with_suffix(".json").write_text(json.dumps({**metadata, "version": read_model_info(WEIGHTS).version,
                                                          "weights_file": tampered.name}))
-    return {"v1": WEIGHTS, "v2": str(v2), "tampered": str(tampered)}
+    stricter = load_detector(WEIGHTS)
+    with torch.no_grad():
+        for name, parameter in stricter.model.named_parameters():
+            if name.endswith("cls_score.bias"):
+                parameter[1] -= 6.0
+    save_detector(stricter.model, stricter.config, stricter.arch, root / "cascade_stricter.safetensors")
+    return {"v1": WEIGHTS, "v2": str(v2), "tampered": str(tampered),
+            "stricter": str(root / "cascade_stricter.safetensors")}
 
 
 def test_only_checked_checkpoints_replace_the_model(checkpoints, tmp_path):
@@ -78,3 +99,82 @@ def test_rows_name_the_model_runinference_swapped_in(checkpoints, update, expect
         assert_that(found["detections"] | beam.Map(lambda row: (row["sop_instance_uid"], row["model_version"])),
                     equal_to([(s.reference["sop_instance_uid"], version) for s in studies]))
         assert_that(found["dead_letters"], equal_to([]), label="NoDeadLetters")
+
+
+def test_box_changes_match_opacities_by_iou():
+    box = lambda x1, y1, x2, y2: {"x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": 0.9, "label": "opacity"}
+    previous = [box(0, 0, 10, 10), box(50, 50, 60, 60), box(100, 100, 110, 110)]
+    new = [box(0, 0, 10, 10), box(51, 50, 61, 60), box(200, 200, 210, 210)]  # same, moved (IoU 0.82), other
+    assert box_changes(previous, new) == (1, 1, 1)
+    assert box_changes(previous, previous) == (0, 0, 0)
+    assert box_changes([], new) == (3, 0, 0) and box_changes(previous, []) == (0, 3, 0)
+    assert box_changes([box(0, 0, 10, 10)], [box(0, 0, 10, 9.5)]) == (0, 0, 0)  # IoU 0.95: not moved
+    unchanged = {"covid_probability": 0.7, "boxes": previous, "model_version": "a"}
+    assert rescored_row(unchanged, {**unchanged, "covid_probability": 0.6, "model_version": "b"}, 0.5) is None
+
+
+POSITIVE = 0.5
+OLD_STUDY = 6  # acquired two days before the others: outside a 24 h re-scoring horizon
+
+
+def _studies():
+    studies = [synthetic_case(i)[0] for i in range(OLD_STUDY + 1)]
+    old = studies[OLD_STUDY]
+    reference = {**old.reference, "acquisition_time": old.reference["acquisition_time"] - dt.timedelta(days=2)}
+    return studies[:OLD_STUDY] + [old._replace(reference=reference)]
+
+
+def _scored_directly(studies, weights):
+    """Detections rows of `weights` run on the images outside Beam (CascadeDetector.detect)."""
+    info = read_model_info(weights)
+    found, _ = CascadeDetector(weights, device="cpu").detect([study.image for study in studies])
+    return [detection_row(study, ImageDetections(boxes, scores, 0.0, len(studies)), model_name=info.name,
+                          model_version=info.version, score_threshold=cpu_config().score_threshold)
+            for study, (boxes, scores) in zip(studies, found)]
+
+
+def _comparable(row):
+    """A rescored row without the float noise of a batch's padding: probabilities and boxes rounded."""
+    rounded = lambda boxes: [{**b, **{k: round(b[k], 3) for k in ("x1", "y1", "x2", "y2", "score")}} for b in boxes]
+    return {**row, "covid_probability": round(row["covid_probability"], 4),
+            "previous_covid_probability": round(row["previous_covid_probability"], 4),
+            "boxes": rounded(row["boxes"]), "previous_boxes": rounded(row["previous_boxes"])}
+
+
+@contextlib.contextmanager
+def _rescored(checkpoints, studies, *, swap, seen_by_runinference):
+    """RESCORED rows of a pipeline whose rows were scored by v1 (or by `swap`, when RunInference saw it
+    too) and whose RescoreOnSwap sees `swap`; also the (sop, model_version) of every detections row."""
+    config = cpu_config()
+    with TestPipeline() as pipeline:
+        update = ModelMetadata(model_id=checkpoints[swap], model_name=swap)
+        images = pipeline | "Images" >> beam.Create(studies)
+        detect_updates = pipeline | "DetectUpdate" >> beam.Create([update]) if seen_by_runinference else None
+        found = images | DetectOpacities(config, model_updates=detect_updates, keep_scored=True)
+        updates = pipeline | "RescoreUpdate" >> beam.Create([update])
+        rescored = ({"scored": found["scored"], "model_updates": updates}
+                    | RescoreOnSwap(RescoreConfig(config, hours=24, positive_probability=POSITIVE)))
+        yield found, rescored | "Comparable" >> beam.Map(_comparable)  # the pipeline runs when the block ends
+
+
+def test_rescored_lists_exactly_the_recent_studies_the_swap_changes(checkpoints):
+    studies = _studies()
+    before, after = _scored_directly(studies, checkpoints["v1"]), _scored_directly(studies, checkpoints["stricter"])
+    changed = [rescored_row(old, new, POSITIVE) for old, new in zip(before[:OLD_STUDY], after[:OLD_STUDY])]
+    expected = [_comparable(row) for row in changed if row is not None]
+    # The oracle has every kind of study: unchanged, boxes only, a triage decision, and an old changed one.
+    assert 0 < len(expected) < OLD_STUDY and rescored_row(before[OLD_STUDY], after[OLD_STUDY], POSITIVE)
+    assert any("became_negative" in row["changes"] and not row["positive"] for row in expected)
+    assert {row["previous_model_version"] for row in expected} == {read_model_info(checkpoints["v1"]).version}
+    with _rescored(checkpoints, studies, swap="stricter", seen_by_runinference=False) as (found, rescored):
+        v1 = read_model_info(checkpoints["v1"]).version
+        assert_that(found["detections"] | beam.Map(lambda row: (row["sop_instance_uid"], row["model_version"])),
+                    equal_to([(s.reference["sop_instance_uid"], v1) for s in studies]), label="RowsBeforeTheSwap")
+        assert_that(rescored, equal_to(expected))
+
+
+@pytest.mark.parametrize("swap, seen_by_runinference", [("tampered", False), ("stricter", True), ("v1", False)])
+def test_nothing_is_rescored_by_a_refused_checkpoint_or_the_model_that_scored_the_rows(
+        checkpoints, swap, seen_by_runinference):
+    with _rescored(checkpoints, _studies()[:3], swap=swap, seen_by_runinference=seen_by_runinference) as (_, rescored):
+        assert_that(rescored, equal_to([]))

@@ -109,6 +109,7 @@ METRICS_NAMESPACE = "detect"
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_ACCELERATOR = "type:nvidia-tesla-t4;count:1;install-nvidia-driver"
 OPACITY_LABEL_NAME = "opacity"
+SCORED = "scored"  # DetectOpacities' output of (DecodedStudy, row) pairs, for re-scoring
 # torchvision's GeneralizedRCNNTransform pads batches to a multiple of this.
 SIZE_DIVISIBLE = 32
 
@@ -133,6 +134,8 @@ class InferenceConfig:
         by Beam's `WatchFilePattern` every ``model_watch_interval_secs``; the newest file becomes
         RunInference's model-update side input and replaces the model without a restart once it passes
         `checkpoint_problem` (files must get new names: WatchFilePattern ignores rewrites of a name).
+    model_watch_stop_seconds: the watch stops looking this many seconds (wall clock) after the graph is
+        built, so a stream can end (tests, demos); None watches for as long as the job runs.
     """
 
     weights_path: str
@@ -147,6 +150,7 @@ class InferenceConfig:
     autocast: bool = True
     model_watch: str | None = None
     model_watch_interval_secs: float = 60.0
+    model_watch_stop_seconds: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.weights_path, str) or not self.weights_path.endswith(".safetensors"):
@@ -170,6 +174,10 @@ class InferenceConfig:
         if self.model_watch is not None and (not isinstance(self.model_watch, str)
                                              or not self.model_watch.endswith(".safetensors")):
             raise ValueError(f"model_watch must be a glob of .safetensors files, got {self.model_watch!r}")
+        stop = self.model_watch_stop_seconds
+        if stop is not None and (isinstance(stop, bool) or not isinstance(stop, (int, float))
+                                 or not math.isfinite(stop) or stop <= 0):
+            raise ValueError(f"model_watch_stop_seconds must be a positive number of seconds or None, got {stop!r}")
         if self.accelerator is not None:
             if self.device == "cpu":
                 raise ValueError(f"accelerator {self.accelerator!r} asks for a GPU but device is 'cpu'")
@@ -493,12 +501,17 @@ def detection_row(study: DecodedStudy, found: ImageDetections, *, model_name: st
 
 
 class ToDetectionRowsFn(beam.DoFn):
-    """PredictionResult -> detection row (main) or dead letter, timestamped at acquisition time."""
+    """PredictionResult -> detection row (main) or dead letter, timestamped at acquisition time.
 
-    def __init__(self, info: ModelInfo, score_threshold: float, *, with_reference: bool = False):
+    keep_scored: also emit (DecodedStudy, row) on the ``scored`` output (re-scoring on a model swap).
+    """
+
+    def __init__(self, info: ModelInfo, score_threshold: float, *, with_reference: bool = False,
+                 keep_scored: bool = False):
         self._info = info
         self._threshold = score_threshold
         self._with_reference = with_reference  # emit (reference, row) for the SR step
+        self._keep_scored = keep_scored
         self._rows = Metrics.counter(METRICS_NAMESPACE, "detections_emitted")
         self._boxes = Metrics.counter(METRICS_NAMESPACE, "boxes_emitted")
 
@@ -522,6 +535,8 @@ class ToDetectionRowsFn(beam.DoFn):
             return
         self._rows.inc()
         self._boxes.inc(len(row["boxes"]))
+        if self._keep_scored:
+            yield TaggedOutput(SCORED, TimestampedValue((study, row), at))
         yield TimestampedValue((study.reference, row) if self._with_reference else row, at)
 
 
@@ -546,36 +561,58 @@ class FailedBatchToDeadLettersFn(beam.DoFn):
             yield TimestampedValue(reference_dead_letter(STAGE, reason, _reference_of(study), at), at)
 
 
+class WatchCheckpoints(beam.PTransform):
+    """pipeline -> PCollection[ModelMetadata]: the newest checkpoint matching ``config.model_watch``
+    (Beam's `WatchFilePattern`, every ``model_watch_interval_secs``), in the global window, re-fired
+    as new files come; it stops ``model_watch_stop_seconds`` after the graph is built, if set."""
+
+    def __init__(self, config: InferenceConfig):
+        super().__init__()
+        if config.model_watch is None:
+            raise ValueError("WatchCheckpoints needs InferenceConfig.model_watch")
+        self._config = config
+        stop = config.model_watch_stop_seconds
+        self._stop = None if stop is None else Timestamp.now() + stop  # fixed when the graph is built
+
+    def expand(self, pipeline):
+        extra = {} if self._stop is None else {"stop_timestamp": self._stop}
+        return pipeline | "WatchFilePattern" >> WatchFilePattern(
+            self._config.model_watch, interval=self._config.model_watch_interval_secs, **extra)
+
+
 class DetectOpacities(beam.PTransform):
-    """PCollection[DecodedStudy] -> {"detections": rows, "dead_letters": rows}.
+    """PCollection[DecodedStudy] -> {"detections": rows, "dead_letters": rows[, "scored": pairs]}.
 
     Detection rows have every DETECTIONS field but quality_flag / quality_reasons (added by
     the join with the device twin) and keep the acquisition time as their timestamp.
     images in = detections + dead letters.  reports: None, or where each image's SR goes.
     model_updates: RunInference's model-update side input (ModelMetadata whose model_id is a
-    checkpoint path); by default the watch of ``config.model_watch``, or none.
+    checkpoint path); by default `WatchCheckpoints` of ``config.model_watch``, or none.
+    keep_scored: also return "scored", each image with its row (before any SR), for `transforms.rescore`.
     """
 
     def __init__(self, config: InferenceConfig, *, handler: ModelHandler | None = None,
-                 reports: ReportConfig | None = None, model_updates: beam.PCollection | None = None):
+                 reports: ReportConfig | None = None, model_updates: beam.PCollection | None = None,
+                 keep_scored: bool = False):
         super().__init__()
         self._config = config
         self._handler = handler or CascadeModelHandler(config)
         self._info = read_model_info(config.weights_path)
         self._reports = reports
         self._model_updates = model_updates  # PCollection[ModelMetadata]; None: config.model_watch, if any
+        self._keep_scored = keep_scored
 
     def expand(self, images):
         updates = self._model_updates
         if updates is None and self._config.model_watch is not None:
             # Hot swap: the newest checkpoint matching the glob, as RunInference's model-update side input.
-            updates = images.pipeline | "WatchCheckpoints" >> WatchFilePattern(
-                self._config.model_watch, interval=self._config.model_watch_interval_secs)
+            updates = images.pipeline | "WatchCheckpoints" >> WatchCheckpoints(self._config)
         inferred, failed = images | "RunInference" >> RunInference(
             self._handler, model_metadata_pcoll=updates).with_exception_handling()
         rows = inferred | "ToDetectionRows" >> beam.ParDo(
-            ToDetectionRowsFn(self._info, self._config.score_threshold, with_reference=self._reports is not None)
-        ).with_outputs(DEAD_LETTERS, main="rows")
+            ToDetectionRowsFn(self._info, self._config.score_threshold, with_reference=self._reports is not None,
+                              keep_scored=self._keep_scored)
+        ).with_outputs(DEAD_LETTERS, SCORED, main="rows")
         failed_rows = failed.failed_inferences | "FailedBatchesToDeadLetters" >> beam.ParDo(
             FailedBatchToDeadLettersFn())
         dead = [rows[DEAD_LETTERS], failed_rows]
@@ -585,4 +622,5 @@ class DetectOpacities(beam.PTransform):
             detections = reported["detections"]
             dead.append(reported[DEAD_LETTERS])
         dead_letters = dead | "CollectDeadLetters" >> beam.Flatten()
-        return {"detections": detections, "dead_letters": dead_letters}
+        found = {"detections": detections, "dead_letters": dead_letters}
+        return {**found, SCORED: rows[SCORED]} if self._keep_scored else found
