@@ -6,7 +6,7 @@ What was broken (issue 12) and the test that shows each fixed:
          test_a_persisting_transient_failure_fails_the_bundle_not_a_dead_letter
   permanent failures said only "could not be looked up: BeamIOError"
       -> test_permanent_failures_are_dead_letters_naming_the_status
-gs:// inputs and DICOM uris through the whole pipeline (gs:// output: see the test)
+gs:// inputs, DICOM uris and Parquet output through the whole pipeline, re-run in place
       -> test_pipeline_reads_gs_inputs_and_dicom_uris
 """
 
@@ -93,6 +93,20 @@ def test_missing_objects_and_the_size_cap(gcs):
 # ---------------------------------------------------------------- the pipeline on gs://
 
 
+def _download(root: str, folder: Path) -> dict:
+    """Copies every object under `root` (gs://...) into `folder`; returns {relative name: bytes digest}."""
+    import hashlib
+
+    found = {}
+    for uri in object_store.list_objects(root + "/"):
+        relative = uri[len(root) + 1:]
+        data = object_store.read_object(uri, 1 << 30)
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+        found[relative] = hashlib.sha256(data).hexdigest()
+    return found
+
+
 def _upload_hospital(local: Path, root: str) -> None:
     """Copies a simulated hospital to `root` (gs://...), its DICOM references pointing into `root`."""
     import fastavro
@@ -126,10 +140,19 @@ def test_pipeline_reads_gs_inputs_and_dicom_uris(gcs, tmp_path):
     assert len(dicoms) == 2
     gcs.fail(dicoms[0], status=503, times=2)  # transient: retried, then read
     gcs.fail(dicoms[1], status=403)  # permanent: a dead letter
-    # Output stays local: the Parquet commit renames and deletes with GCS batch requests, which
-    # fake-gcs-server answers without a multipart body ("Bad response: not multi-part").
-    assert main(["run", "--input", root, "--output", str(tmp_path / "gs-out"), "--demo", "--model_per_process"]) == 0
+    lake = f"gs://{BUCKET}/lake"
+    assert main(["run", "--input", root, "--output", lake, "--demo", "--model_per_process"]) == 0
     assert gcs.hits(dicoms[0]) >= 3 and gcs.hits(dicoms[1]) >= 1
+    first = _download(lake, tmp_path / "gs-out")
+    assert first and not [name for name in first if "_temporary" in name]  # committed, scratch gone
+    # A re-run replaces each day's partition whole: the same objects, nothing added, nothing left over;
+    # the same bytes but where a run's own time is written (inference latency, the SR's creation time).
+    assert main(["run", "--input", root, "--output", lake, "--demo", "--model_per_process"]) == 0
+    again = _download(lake, tmp_path / "gs-out-again")
+    assert sorted(again) == sorted(first)
+    timed = ("detections/", "structured_reports/")
+    assert {k: v for k, v in again.items() if not k.startswith(timed)} == {
+        k: v for k, v in first.items() if not k.startswith(timed)}
     local_db, gs_db = connect(str(tmp_path / "local-out")), connect(str(tmp_path / "gs-out"))
     for table in ("patient_twin", "device_twin", "alerts"):
         expected = local_db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]

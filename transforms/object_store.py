@@ -156,3 +156,72 @@ def read_object(uri: str, max_bytes: int, policy: RetryPolicy = RetryPolicy()) -
     if len(data) > max_bytes:
         raise ObjectRefused("file over the size cap", f"the object grew past the cap of {max_bytes} bytes")
     return data
+
+
+def list_objects(prefix: str, policy: RetryPolicy = RetryPolicy()) -> list[str]:
+    """The ``gs://`` uris of every object whose name starts with `prefix` (a ``gs://bucket/name`` prefix)."""
+    bucket_name, _, name = prefix[len("gs://"):].partition("/")
+    bucket = storage_client().bucket(bucket_name)
+    blobs = with_retries(lambda: list(bucket.list_blobs(prefix=name, timeout=policy.timeout_s, retry=None)),
+                         policy, "object listing")
+    return [f"gs://{bucket_name}/{blob.name}" for blob in blobs]
+
+
+def move_object(source: str, destination: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Copies the ``gs://`` object `source` to `destination`, then deletes `source`.
+
+    GCS has no rename. Beam's filesystem moves objects with batch requests (one HTTP multipart
+    call for many copies or deletes); this makes one request per object, each retried on its own,
+    which every GCS endpoint answers (the emulator cannot answer batches). A retried copy writes
+    the same object again; the delete of a source that is gone already counts as done.
+    """
+    source_bucket, source_name = split_gcs_uri(source)
+    target_bucket, target_name = split_gcs_uri(destination)
+    client = storage_client()
+    bucket = client.bucket(source_bucket)
+    with_retries(lambda: bucket.copy_blob(bucket.blob(source_name), client.bucket(target_bucket), target_name,
+                                          timeout=policy.timeout_s, retry=None), policy, "object copy")
+    delete_object(source, policy)
+
+
+def delete_object(uri: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Deletes the ``gs://`` object `uri`; one that is not there counts as deleted."""
+    bucket_name, name = split_gcs_uri(uri)
+    blob = storage_client().bucket(bucket_name).blob(name)
+    try:
+        with_retries(lambda: blob.delete(timeout=policy.timeout_s, retry=None), policy, "object delete")
+    except ObjectRefused as refused:
+        if refused.kind != "file not found":
+            raise
+
+
+def replace_file(source: str, destination: str) -> None:
+    """Moves the file `source` onto `destination` (replacing it) on any Beam filesystem: an atomic
+    rename on a local disk, `move_object` on ``gs://`` (one request per object, no batch), Beam's
+    `FileSystems` rename elsewhere."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if source.startswith("gs://"):
+        move_object(source, destination)
+    elif FileSystems.get_scheme(destination) is None:
+        os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+        os.replace(source, destination)
+    else:
+        if FileSystems.exists(destination):
+            FileSystems.delete([destination])
+        FileSystems.rename([source], [destination])
+
+
+def delete_files(paths: list[str]) -> None:
+    """Deletes files on any Beam filesystem (``gs://``: `delete_object` each); missing ones count as deleted."""
+    from apache_beam.io.filesystems import FileSystems
+
+    others = []
+    for path in paths:
+        if path.startswith("gs://"):
+            delete_object(path)
+        else:
+            others.append(path)
+    others = [path for path in others if FileSystems.exists(path)]
+    if others:
+        FileSystems.delete(others)

@@ -67,6 +67,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 
 from schemas import OUTPUT_TABLES, RecordDef, arrow_schema
+from transforms import object_store
 
 TEMPORARY = "_temporary"
 COMMIT_MARKER = "_committed_by"
@@ -250,12 +251,9 @@ def commit_partition(root: str, job_id: str, table: str, date: str, staged: list
         return committed
     for shard, path in staged:  # object stores: one object replace per file, then the leftovers go
         if FileSystems.exists(path):
-            _ensure_parent(FileSystems.join(final, names[shard]))
-            FileSystems.rename([path], [FileSystems.join(final, names[shard])])
+            object_store.replace_file(path, FileSystems.join(final, names[shard]))
     existing = FileSystems.match([FileSystems.join(final, "*")])[0].metadata_list
-    leftovers = [m.path for m in existing if os.path.basename(m.path) not in names.values()]
-    if leftovers:
-        FileSystems.delete(leftovers)
+    object_store.delete_files([m.path for m in existing if os.path.basename(m.path) not in names.values()])
     return committed
 
 
@@ -318,8 +316,9 @@ class _CommitPartitionsFn(beam.DoFn):
                 os.rmdir(os.path.dirname(scratch))  # _temporary itself, when no other job is writing
             except OSError:
                 pass
-        elif FileSystems.exists(scratch):
-            FileSystems.delete([scratch])
+        else:
+            object_store.delete_files(object_store.list_objects(scratch.rstrip("/") + "/")
+                                      if scratch.startswith("gs://") else [scratch])
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -362,8 +361,7 @@ class _AppendFlushFn(_PartitionFileFn):
             staged = temporary_path(self._root, self._job_id, self._table.name, f"date={date}",
                                     f"{uuid.uuid4().hex}.parquet")
             _write(table, staged)
-            _ensure_parent(final)
-            FileSystems.rename([staged], [final])
+            object_store.replace_file(staged, final)
             known.update(fresh)
             self._read[date].add(final)
             beam.metrics.Metrics.counter("sink", f"{self._table.name}_rows").inc(len(rows))

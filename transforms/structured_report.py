@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
 import uuid
 
 import apache_beam as beam
@@ -52,6 +51,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from pydicom.sr.codedict import codes
 
+from transforms import object_store
 from transforms.dead_letters import DEAD_LETTERS
 from transforms.dicom_fetch import FetchRejected, fetch_bytes, reference_dead_letter
 from transforms.dicomweb import DicomWebAccess, DicomWebError
@@ -237,12 +237,7 @@ class WriteStructuredReportFn(beam.DoFn):
         temporary = FileSystems.join(self._config.folder, f".{sr.SOPInstanceUID}.{uuid.uuid4().hex}.tmp")
         with FileSystems.create(temporary) as handle:
             handle.write(part10_bytes(sr))
-        if FileSystems.get_scheme(final) is None:
-            os.replace(temporary, final)
-        else:
-            if FileSystems.exists(final):
-                FileSystems.delete([final])
-            FileSystems.rename([temporary], [final])
+        object_store.replace_file(temporary, final)
 
 
 class WriteStructuredReports(beam.PTransform):
