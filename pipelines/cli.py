@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+from transforms.pseudonymise import KEY_ENV
 
 # The module of every subcommand, in the order `--help` lists them.
 SUBCOMMAND_MODULES = (
@@ -68,7 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     args.beam_args = beam_args
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    # A --pseudonym_key value reaches in-process workers through the environment
+    # (`transforms.pseudonymise.resolve_key_reference`); it must not outlive the command, or the
+    # next in-process command would pseudonymise with it.
+    key_before = os.environ.get(KEY_ENV)
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        if key_before is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = key_before
 
 
 if __name__ == "__main__":

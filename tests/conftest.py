@@ -3,8 +3,12 @@ and the runner matrix's hospital and runs.
 
 Starting a runner costs seconds (Prism) to a minute (the Flink JVM on 2 busy cores), so they are
 started once, here, and every module that submits jobs asks for ``job_endpoints``.
+
+Every test also finds the pseudonymisation key variable as the session began: a key a test hands
+to in-process workers through it must not pseudonymise a later test's runs (`restore_key_variable`).
 """
 
+import os
 import subprocess
 
 import pytest
@@ -12,6 +16,18 @@ import pytest
 from job_services import free_port, wait_for_port
 from launch.runners import installed_path
 from runner_matrix import RunnerMatrix
+from transforms.pseudonymise import KEY_ENV
+
+
+@pytest.fixture(autouse=True)
+def restore_key_variable():
+    """``MEDTWIN_PSEUDONYM_KEY`` after each test as it was before it (`resolve_key_reference` sets it)."""
+    before = os.environ.get(KEY_ENV)
+    yield
+    if before is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = before
 
 
 @pytest.fixture(scope="session")

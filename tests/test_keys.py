@@ -179,3 +179,19 @@ def test_b19_every_numeric_job_flag_has_a_range():
         assert isinstance(action.type, Bounded), action.option_strings
         if action.default is not None:   # None: an optional flag, off unless given
             assert action.type(str(action.default)) == action.default  # every default is inside its range
+
+
+def test_a_key_given_as_a_value_does_not_outlive_its_command(monkeypatch, tmp_path):
+    """The key reaches in-process workers through the environment only while its command runs: the
+    next in-process command (a test's, a notebook's) must not pseudonymise with it."""
+    from pipelines.cli import main
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    (tmp_path / "in").mkdir()
+    assert main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no_imaging",
+                 "--pseudonym_key", STRONG_KEY]) == 0
+    assert KEY_ENV not in os.environ
+    monkeypatch.setenv(KEY_ENV, "the-operators-own-key-2a9f")
+    assert main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out2"), "--no_imaging",
+                 "--pseudonym_key", STRONG_KEY]) == 0
+    assert os.environ[KEY_ENV] == "the-operators-own-key-2a9f"
