@@ -25,8 +25,8 @@ from transforms.sources import landed_records
 @pytest.fixture(scope="module")
 def hospital(tmp_path_factory):
     root = tmp_path_factory.mktemp("hospital")
-    assert main(["simulate", "--out", str(root / "in"), "--patients", "6", "--devices", "2", "--hours", "2",
-                 "--seed", "11", "--corrupt-fraction", "0.03"]) == 0
+    assert main(["simulate", "--out", str(root / "in"), "--patients", "6", "--devices", "2", "--hours", "1",
+                 "--seed", "12", "--corrupt-fraction", "0.03"]) == 0
     assert main(["run", "--input", str(root / "in"), "--output", str(root / "out"), "--demo"]) == 0
     return root
 
