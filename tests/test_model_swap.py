@@ -7,7 +7,12 @@ bounded `ModelMetadata` on the DirectRunner, so the real RunInference → update
 load_model path runs. `RescoreOnSwap` (transforms/rescore.py) is fed rows the old model scored and
 the same kind of update, and its rows are checked against the two checkpoints run directly on the
 images. Prism 2.77 refuses triggered side inputs in the global window (apache/beam#31438) - see
-README, "Hot model swap".
+README, "Hot model swap". The mid-stream swap runs on Flink (the session's job service): a paced
+source sends studies, the row of one of them drops a new checkpoint into the watched folder, and
+`WatchCheckpoints` hands it on mid-stream. On the Flink job server (2.56) RunInference's model-update
+side input keeps its first value (the new checkpoint reaches RescoreOnSwap, but `update_model_path`
+is not called again), so the rows keep the old version there; the re-scoring is what puts the new
+model's findings of every study, in flight or later, in `rescored`.
 """
 
 from __future__ import annotations
@@ -15,12 +20,18 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import shutil
+from pathlib import Path
 
 import apache_beam as beam
 import pytest
 import torch
 from apache_beam.ml.inference.base import ModelMetadata
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import BeamAssertException
+from apache_beam.transforms.periodicsequence import PeriodicImpulse, RebaseMode
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from test_detect import WEIGHTS, cpu_config, synthetic_case
@@ -32,6 +43,7 @@ from transforms.detect import (
     DetectOpacities,
     ImageDetections,
     checkpoint_problem,
+    WatchCheckpoints,
     detection_row,
     read_model_info,
 )
@@ -178,3 +190,85 @@ def test_nothing_is_rescored_by_a_refused_checkpoint_or_the_model_that_scored_th
         checkpoints, swap, seen_by_runinference):
     with _rescored(checkpoints, _studies()[:3], swap=swap, seen_by_runinference=seen_by_runinference) as (_, rescored):
         assert_that(rescored, equal_to([]))
+
+
+# The mid-stream swap on Flink: studies 0..SWAP_AT one a second; the row of SWAP_AT drops the stricter
+# checkpoint into the watched folder; after a pause of PAUSE_SECONDS, studies up to FLINK_STUDIES - 1.
+FLINK_STUDIES, SWAP_AT, PAUSE_SECONDS = 6, 1, 8
+WATCH_SECONDS = 30  # the watch (1 s polls) ends this long after the job starts, and with it the job
+
+
+def _paced_indices() -> list:
+    """PeriodicImpulse data, one item a second: study indices, None during the pause."""
+    return [*range(SWAP_AT + 1), *[None] * PAUSE_SECONDS, *range(SWAP_AT + 1, FLINK_STUDIES)]
+
+
+class _DropCheckpointFn(beam.DoFn):
+    """Test step: when the row of study SWAP_AT comes, copies `checkpoint` (JSON first, then weights, each
+    renamed into place) into `folder` under a new name; idempotent, so a retried bundle changes nothing."""
+
+    def __init__(self, checkpoint: str, folder: str):
+        self._checkpoint, self._folder = checkpoint, folder
+
+    def process(self, row):
+        if row["sop_instance_uid"] == synthetic_case(SWAP_AT)[0].reference["sop_instance_uid"]:
+            source = Path(self._checkpoint)
+            for suffix in (".json", ".safetensors"):
+                target = Path(self._folder) / f"b_swapped{suffix}"
+                shutil.copy(source.with_suffix(suffix), target.with_suffix(".partial"))
+                os.replace(target.with_suffix(".partial"), target)
+        yield row
+
+
+def _check_swap_mid_stream(before: list, after: list):
+    """assert_that matcher over ("row", index, version) and ("rescored", row): the rows of a prefix of the
+    studies (SWAP_AT included) carry v1, the rest (none on the Flink job server 2.56: see the module
+    docstring) the swapped-in version, and rescored lists exactly the v1-scored studies whose findings
+    the swap changes."""
+    def check(elements):
+        versions = [version for _, _, version in sorted(e for e in elements if e[0] == "row")]
+        old, new = before[0]["model_version"], after[0]["model_version"]
+        swapped = versions.index(new) if new in versions else len(versions)
+        if len(versions) != FLINK_STUDIES or versions != [old] * swapped + [new] * (FLINK_STUDIES - swapped) \
+                or swapped <= SWAP_AT:
+            raise BeamAssertException(f"not one swap mid-stream after study {SWAP_AT}: {versions}")
+        expected = [rescored_row(b, a, POSITIVE) for b, a in zip(before[:swapped], after[:swapped])]
+        expected = sorted((_comparable(row) for row in expected if row is not None), key=repr)
+        got = sorted((e[1] for e in elements if e[0] == "rescored"), key=repr)
+        if not expected or got != expected:
+            raise BeamAssertException(f"rescored {got} != {expected}")
+    return check
+
+
+def test_a_checkpoint_swapped_in_mid_stream_on_flink_scores_the_later_studies_and_rescores_the_earlier(
+        checkpoints, job_endpoints, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for suffix in (".json", ".safetensors"):  # the watch needs a checkpoint at launch: v1 under a watched name
+        shutil.copy(Path(WEIGHTS).with_suffix(suffix), models / f"a_shipped{suffix}")
+    studies = [synthetic_case(i)[0] for i in range(FLINK_STUDIES)]
+    before, after = _scored_directly(studies, checkpoints["v1"]), _scored_directly(studies, checkpoints["stricter"])
+    config = cpu_config(max_batch_duration_secs=1, model_watch=str(models / "*.safetensors"),
+                        model_watch_interval_secs=1, model_watch_stop_seconds=WATCH_SECONDS)
+    options = PipelineOptions(["--runner=FlinkRunner", f"--job_endpoint={job_endpoints['flink']}",
+                               "--environment_type=LOOPBACK", "--streaming"])
+    with beam.Pipeline(options=options) as pipeline:
+        images = (pipeline
+                  | "Paced" >> PeriodicImpulse(fire_interval=1, data=_paced_indices(), rebase=RebaseMode.REBASE_ALL,
+                                               start_timestamp=Timestamp.now(),
+                                               stop_timestamp=Timestamp.now() + len(_paced_indices()) - 0.5)
+                  | "NotPaused" >> beam.Filter(lambda index: index is not None)
+                  | "Study" >> beam.Map(lambda index: synthetic_case(index)[0]))
+        updates = pipeline | "WatchCheckpoints" >> WatchCheckpoints(config)
+        found = images | DetectOpacities(config, model_updates=updates, keep_scored=True)
+        rows = found["detections"] | "DropCheckpoint" >> beam.ParDo(
+            _DropCheckpointFn(checkpoints["stricter"], str(models)))
+        rescored = ({"scored": found["scored"], "model_updates": updates}
+                    | RescoreOnSwap(RescoreConfig(config, hours=24, positive_probability=POSITIVE)))
+        sops = {study.reference["sop_instance_uid"]: index for index, study in enumerate(studies)}
+        observed = (rows | "Versions" >> beam.Map(lambda row: ("row", sops[row["sop_instance_uid"]],
+                                                              row["model_version"])),
+                    rescored | "Rescored" >> beam.Map(lambda row: ("rescored", _comparable(row)))
+                    ) | "Observed" >> beam.Flatten()
+        assert_that(observed, _check_swap_mid_stream(before, after))
+        assert_that(found["dead_letters"], equal_to([]), label="NoDeadLetters")

@@ -89,10 +89,14 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
-from apache_beam.ml.inference.utils import WatchFilePattern
+from apache_beam.coders import FloatCoder
+from apache_beam.io.fileio import EmptyMatchTreatment, MatchAll
+from apache_beam.ml.inference.base import ModelHandler, ModelMetadata, PredictionResult, RunInference
 from apache_beam.pvalue import TaggedOutput
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms import trigger
+from apache_beam.transforms.periodicsequence import PeriodicImpulse, RebaseMode
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 import model as model_package
@@ -131,11 +135,11 @@ class InferenceConfig:
         DEFAULT_ACCELERATOR when device == "cuda", and no hint otherwise.
     autocast: float16 autocast on CUDA (ignored on CPU).
     model_watch: streaming only: a glob of .safetensors checkpoints (e.g. ``models/*.safetensors``) watched
-        by Beam's `WatchFilePattern` every ``model_watch_interval_secs``; the newest file becomes
+        by `WatchCheckpoints` every ``model_watch_interval_secs``; the newest file becomes
         RunInference's model-update side input and replaces the model without a restart once it passes
-        `checkpoint_problem` (files must get new names: WatchFilePattern ignores rewrites of a name).
-    model_watch_stop_seconds: the watch stops looking this many seconds (wall clock) after the graph is
-        built, so a stream can end (tests, demos); None watches for as long as the job runs.
+        `checkpoint_problem` (files must get new names: the watch ignores rewrites of a name).
+    model_watch_stop_seconds: the watch stops looking this many seconds (wall clock) after the job
+        starts, so a stream can end (tests, demos); None watches for as long as the job runs.
     """
 
     weights_path: str
@@ -561,23 +565,54 @@ class FailedBatchToDeadLettersFn(beam.DoFn):
             yield TimestampedValue(reference_dead_letter(STAGE, reason, _reference_of(study), at), at)
 
 
+class _NewestCheckpointFn(beam.DoFn):
+    """(key, FileMetadata) -> ModelMetadata for each matched file newer (mtime) than every one before it."""
+
+    NEWEST = ReadModifyWriteStateSpec("newest", FloatCoder())
+
+    def process(self, element, newest=beam.DoFn.StateParam(NEWEST)):
+        _, match = element
+        seen = newest.read()
+        if seen is None or match.last_updated_in_seconds > seen:
+            newest.write(match.last_updated_in_seconds)
+            yield ModelMetadata(model_id=match.path, model_name=Path(match.path).stem)
+
+
 class WatchCheckpoints(beam.PTransform):
-    """pipeline -> PCollection[ModelMetadata]: the newest checkpoint matching ``config.model_watch``
-    (Beam's `WatchFilePattern`, every ``model_watch_interval_secs``), in the global window, re-fired
-    as new files come; it stops ``model_watch_stop_seconds`` after the graph is built, if set."""
+    """pipeline -> PCollection[ModelMetadata]: each checkpoint matching ``config.model_watch`` that is newer
+    (mtime) than those before it, looked for every ``model_watch_interval_secs``, in the global window,
+    re-fired as new files come (what Beam's `WatchFilePattern` gives RunInference).
+
+    The polls are a `PeriodicImpulse` rebased to when the job starts, each matching the whole glob
+    (`MatchAll`). Not `WatchFilePattern`: its `MatchContinuously` counts polls to its stop time from
+    when Beam's fileio was imported, and on the Flink job server (2.56) those polls ran back to back
+    (90 polls of a 90 s watch in 3 s, tests/test_model_swap.py) so the watch ended before any new file.
+    ``model_watch_stop_seconds`` ends the watch that long after the job starts; None: never.
+    """
 
     def __init__(self, config: InferenceConfig):
         super().__init__()
         if config.model_watch is None:
             raise ValueError("WatchCheckpoints needs InferenceConfig.model_watch")
         self._config = config
-        stop = config.model_watch_stop_seconds
-        self._stop = None if stop is None else Timestamp.now() + stop  # fixed when the graph is built
 
     def expand(self, pipeline):
-        extra = {} if self._stop is None else {"stop_timestamp": self._stop}
-        return pipeline | "WatchFilePattern" >> WatchFilePattern(
-            self._config.model_watch, interval=self._config.model_watch_interval_secs, **extra)
+        config, start = self._config, Timestamp.now()
+        stop = config.model_watch_stop_seconds
+        polls = (PeriodicImpulse(start_timestamp=start, fire_interval=config.model_watch_interval_secs,
+                                 rebase=RebaseMode.REBASE_START) if stop is None
+                 else PeriodicImpulse(start_timestamp=start, stop_timestamp=start + stop,
+                                      fire_interval=config.model_watch_interval_secs, rebase=RebaseMode.REBASE_ALL))
+        return (
+            pipeline
+            | "Polls" >> polls
+            | "Glob" >> beam.Map(lambda _: config.model_watch)
+            | "MatchCheckpoints" >> MatchAll(EmptyMatchTreatment.DISALLOW)  # a job starts with a model to watch
+            | "OneKey" >> beam.Map(lambda match: ("checkpoints", match))
+            | "NewestOnly" >> beam.ParDo(_NewestCheckpointFn())
+            | "Refired" >> beam.WindowInto(GlobalWindows(), trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+                                           accumulation_mode=trigger.AccumulationMode.DISCARDING)
+        )
 
 
 class DetectOpacities(beam.PTransform):
