@@ -144,7 +144,10 @@ class SyntheticChestXrayDataset(Dataset):
         prepared = prepare_pixels(
             stored, bits_stored=bits_stored, photometric=photometric, target_size=self.image_size
         )
-        return detection_item(prepared, radiograph.boxes, image_id=index)
+        image, target = detection_item(prepared, radiograph.boxes, image_id=index)
+        # Evaluation only (per-kind recall, `model.evaluation.recall_by_kind`); training ignores it.
+        target["kinds"] = tuple(opacity.kind for opacity in radiograph.opacities)
+        return image, target
 
     def _draw_source_size(self, rng: np.random.Generator) -> tuple[int, int]:
         if self.source_size is not None:

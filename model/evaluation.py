@@ -278,6 +278,74 @@ def image_level_metrics(
     }
 
 
+def recall_by_kind(
+    predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], *, score_threshold: float,
+    iou_threshold: float = 0.3,
+) -> dict[str, float]:
+    """Box recall per opacity kind: the share of ground-truth boxes of each kind that some predicted
+    box scoring >= `score_threshold` overlaps with IoU >= `iou_threshold`.
+
+    Ground-truth entries carry ``kinds`` (one name per box, e.g. ``ground_glass``); entries without
+    it are not counted. Returns ``{"recall_<kind>": recall}`` (NaN for a kind with no box) and
+    ``{"boxes_<kind>": count}``.
+    """
+    detected, truth = _index(predictions, ground_truth)
+    kinds = {entry["image_id"]: tuple(entry.get("kinds") or ()) for entry in ground_truth}
+    found, total = {}, {}
+    for image_id, expected in truth.items():
+        if len(kinds[image_id]) != len(expected.boxes):
+            continue
+        predicted = detected[image_id]
+        kept = predicted.boxes[predicted.scores >= score_threshold]
+        overlaps = box_iou(expected.boxes, kept) if len(kept) and len(expected.boxes) else None
+        for index, kind in enumerate(kinds[image_id]):
+            total[kind] = total.get(kind, 0) + 1
+            hit = overlaps is not None and bool((overlaps[index] >= iou_threshold).any())
+            found[kind] = found.get(kind, 0) + int(hit)
+    report = {}
+    for kind in sorted(total):
+        report[f"recall_{kind}"] = found[kind] / total[kind]
+        report[f"boxes_{kind}"] = total[kind]
+    return report
+
+
+def normal_film_metrics(
+    predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], score_threshold: float
+) -> dict[str, float]:
+    """Films without any opacity: the share with a box scoring >= `score_threshold`
+    (``normal_flagged_share``) and the mean number of such boxes per film (``boxes_per_normal_film``);
+    NaN without normal films."""
+    detected, truth = _index(predictions, ground_truth)
+    normal = [image_id for image_id, expected in truth.items() if len(expected.boxes) == 0]
+    if not normal:
+        return {"normal_flagged_share": math.nan, "boxes_per_normal_film": math.nan}
+    counts = [int(np.sum(detected[image_id].scores >= score_threshold)) for image_id in normal]
+    return {"normal_flagged_share": sum(c > 0 for c in counts) / len(normal),
+            "boxes_per_normal_film": sum(counts) / len(normal)}
+
+
+def operating_threshold(
+    predictions: Sequence[Mapping], ground_truth: Sequence[Mapping], *, max_normal_flagged: float = 0.05
+) -> float:
+    """The lowest image-level score threshold that flags at most `max_normal_flagged` of the normal
+    films (a film is flagged when its best box scores >= the threshold): choose it on validation,
+    report the test set at it. Never below the lowest score the model gave any box (when so few
+    normal films have a box at all that any box may count, that is the threshold). NaN without
+    normal films.
+    """
+    detected, truth = _index(predictions, ground_truth)
+    best = sorted((float(detected[image_id].scores.max()) if detected[image_id].scores.size else 0.0
+                   for image_id, expected in truth.items() if len(expected.boxes) == 0), reverse=True)
+    if not best:
+        return math.nan
+    lowest = min((float(entry.scores.min()) for entry in detected.values() if entry.scores.size), default=0.0)
+    allowed = int(math.floor(max_normal_flagged * len(best) + 1e-9))
+    if allowed >= len(best):
+        return lowest
+    # Just above the (allowed + 1)-th best normal score: that film and all below it are not flagged.
+    return max(float(np.nextafter(best[allowed], np.inf)), lowest)
+
+
 def evaluate_detector(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -300,8 +368,12 @@ def evaluate_detector(
     Returns:
         ``(report, detections)``. ``report`` holds ``voc_map50``, the
         ``coco_metrics`` keys, ``sensitivity``, ``specificity``, the
-        image-level counts, ``num_ground_truth_boxes``, ``num_detections`` and
-        ``score_threshold``. ``detections`` are COCO results: one dict per box,
+        image-level counts, the per-kind box recall at IoU 0.3
+        (``recall_ground_glass``, ``recall_consolidation``: `recall_by_kind`, for
+        datasets whose targets name each box's kind), the normal films flagged
+        and their boxes (`normal_film_metrics`), the ``operating_threshold`` that
+        flags at most 1 normal film in 20 on this set (`operating_threshold`),
+        ``num_ground_truth_boxes``, ``num_detections`` and ``score_threshold``. ``detections`` are COCO results: one dict per box,
         {"image_id", "bbox": [x, y, w, h] in the stored image's pixels,
         "score", "category_id"}, in dataset order then model order.
     """
@@ -325,6 +397,9 @@ def evaluate_detector(
         "voc_map50": voc_map50(predictions, ground_truth),
         **coco_metrics(predictions, ground_truth),
         **image_level_metrics(predictions, ground_truth, score_threshold),
+        **recall_by_kind(predictions, ground_truth, score_threshold=score_threshold),
+        **normal_film_metrics(predictions, ground_truth, score_threshold),
+        "operating_threshold": operating_threshold(predictions, ground_truth),
         "num_ground_truth_boxes": sum(len(entry["boxes"]) for entry in ground_truth),
         "num_detections": sum(len(entry["boxes"]) for entry in predictions),
         "score_threshold": score_threshold,
@@ -340,6 +415,8 @@ def _to_original(boxes_entry: Mapping, target: Mapping, *, scored: bool) -> dict
         "boxes": np.asarray(boxes_to_original(boxes, target["scale"]), dtype=np.float64).reshape(-1, 4),
         "labels": boxes_entry["labels"].detach().cpu().numpy().astype(np.int64),
     }
+    if not scored and "kinds" in target:
+        entry["kinds"] = tuple(target["kinds"])
     if scored:
         entry["scores"] = boxes_entry["scores"].detach().cpu().numpy().astype(np.float64)
     return entry

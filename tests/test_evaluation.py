@@ -17,6 +17,9 @@ from model.evaluation import (
     coco_metrics,
     evaluate_detector,
     image_level_metrics,
+    normal_film_metrics,
+    operating_threshold,
+    recall_by_kind,
     voc_average_precision,
     voc_map50,
 )
@@ -221,6 +224,10 @@ def test_evaluate_detector_maps_boxes_back_and_scores_them():
         "positive_images": 2,
         "negative_images": 1,
         "num_images": 3,
+        # The negative image 11 has one box >= 0.5; only a threshold above its 0.6 flags no normal film.
+        "normal_flagged_share": 1.0,
+        "boxes_per_normal_film": 1.0,
+        "operating_threshold": pytest.approx(0.6),
         "num_ground_truth_boxes": 2,
         "num_detections": 3,
         "score_threshold": 0.5,
@@ -296,3 +303,35 @@ def test_report_json_writes_nan_as_null_and_table_skips_missing(tmp_path):
         "voc_map50": None, "num_images": 2, "detections_file": "r.detections.json"}
     table = format_table({"voc_map50": 0.25, "num_images": 2})
     assert "0.2500" in table and "images" in table and "COCO" not in table
+
+
+def _entry(image_id, boxes, scores=None, kinds=None):
+    entry = {"image_id": image_id, "boxes": np.array(boxes, dtype=np.float64).reshape(-1, 4),
+             "labels": np.ones(len(boxes), dtype=np.int64)}
+    if scores is not None:
+        entry["scores"] = np.array(scores, dtype=np.float64)
+    if kinds is not None:
+        entry["kinds"] = tuple(kinds)
+    return entry
+
+
+def test_recall_by_kind_counts_each_kinds_boxes_found_at_iou_03_above_the_threshold():
+    truth = [_entry(1, [[0, 0, 10, 10], [50, 50, 70, 70]], kinds=["ground_glass", "consolidation"]),
+             _entry(2, [[0, 0, 20, 20]], kinds=["ground_glass"])]
+    predicted = [_entry(1, [[0, 0, 10, 6], [50, 50, 70, 70]], [0.9, 0.4]),  # IoU 0.6 hit; a hit below 0.5
+                 _entry(2, [[10, 10, 30, 30]], [0.8])]                        # IoU 100/700 < 0.3: a miss
+    assert recall_by_kind(predicted, truth, score_threshold=0.5) == {
+        "recall_consolidation": 0.0, "boxes_consolidation": 1, "recall_ground_glass": 0.5, "boxes_ground_glass": 2}
+    assert recall_by_kind(predicted, truth, score_threshold=0.3)["recall_consolidation"] == 1.0
+
+
+def test_the_operating_threshold_flags_at_most_one_normal_film_in_twenty():
+    truth = [_entry(i, []) for i in range(40)] + [_entry(40, [[0, 0, 10, 10]])]
+    best = [0.95, 0.9, 0.7] + [0.1] * 37   # three normal films look positive
+    predicted = [_entry(i, [[0, 0, 5, 5]], [score]) for i, score in enumerate(best)] + [
+        _entry(40, [[0, 0, 10, 10]], [0.99])]
+    threshold = operating_threshold(predicted, truth)
+    assert 0.7 < threshold <= 0.7 + 1e-9                 # 2 of 40 flagged (0.95, 0.9): 1 in 20
+    assert normal_film_metrics(predicted, truth, threshold) == {"normal_flagged_share": 0.05,
+                                                                  "boxes_per_normal_film": 0.05}
+    assert math.isnan(operating_threshold(predicted[40:], truth[40:]))  # no normal film
