@@ -17,6 +17,7 @@ model's findings of every study, in flight or later, in `rescored`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -37,6 +38,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from test_detect import WEIGHTS, cpu_config, synthetic_case
 
 from model.checkpoint import load_detector, save_detector
+from pipelines.config import JobConfig, add_job_arguments
+from pipelines.graph import build_pipeline
 from transforms.detect import (
     CascadeDetector,
     CascadeModelHandler,
@@ -272,3 +275,18 @@ def test_a_checkpoint_swapped_in_mid_stream_on_flink_scores_the_later_studies_an
                     ) | "Observed" >> beam.Flatten()
         assert_that(observed, _check_swap_mid_stream(before, after))
         assert_that(found["dead_letters"], equal_to([]), label="NoDeadLetters")
+
+
+@pytest.mark.parametrize("flags, rescored", [([], True), (["--rescore_hours", "0"], False)])
+def test_medtwin_run_with_a_model_watch_writes_the_rescored_table(tmp_path, flags, rescored):
+    parser = argparse.ArgumentParser()
+    add_job_arguments(parser)
+    parser.add_argument("--runner", default="flink")
+    args = parser.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--demo", "--streaming",
+                              "--model_watch", str(tmp_path / "*.safetensors"), "--model_watch_stop_seconds", "30",
+                              *flags])
+    config = JobConfig.from_args(args)
+    assert config.imaging.inference.model_watch_stop_seconds == 30
+    assert (config.imaging.rescore is not None) is rescored
+    tables = build_pipeline(beam.Pipeline(), config)
+    assert ("rescored" in tables) is rescored
