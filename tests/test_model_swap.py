@@ -23,6 +23,8 @@ import datetime as dt
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import apache_beam as beam
@@ -38,7 +40,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from test_detect import WEIGHTS, cpu_config, synthetic_case
 
 from model.checkpoint import load_detector, save_detector
+from pipelines.cli import main
 from pipelines.config import JobConfig, add_job_arguments
+from pipelines.query import connect
 from pipelines.graph import build_pipeline
 from transforms.detect import (
     CascadeDetector,
@@ -290,3 +294,41 @@ def test_medtwin_run_with_a_model_watch_writes_the_rescored_table(tmp_path, flag
     assert (config.imaging.rescore is not None) is rescored
     tables = build_pipeline(beam.Pipeline(), config)
     assert ("rescored" in tables) is rescored
+
+
+def _drop_after_first_report(reports: Path, checkpoint: str, folder: Path, job: threading.Thread) -> None:
+    """Copies `checkpoint` into `folder` once the job has written its first SR (so RunInference has its first
+    model), or gives up when the job ends first."""
+    while job.is_alive() and not any(reports.rglob("*.dcm")):
+        time.sleep(0.5)
+    if job.is_alive():
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(Path(checkpoint).with_suffix(suffix), folder / f"b_swapped{suffix}.partial")
+            os.replace(folder / f"b_swapped{suffix}.partial", folder / f"b_swapped{suffix}")
+
+
+def test_medtwin_run_on_flink_lists_what_a_swap_changes_in_the_rescored_table(checkpoints, job_endpoints, tmp_path):
+    hospital, out, models = tmp_path / "in", tmp_path / "out", tmp_path / "models"
+    assert main(["simulate", "--out", str(hospital), "--patients", "4", "--devices", "1", "--hours", "2",
+                 "--seed", "7", "--infected-fraction", "0.5", "--quiet"]) == 0
+    models.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(Path(WEIGHTS).with_suffix(suffix), models / f"a_shipped{suffix}")
+    argv = ["run", "--input", str(hospital), "--output", str(out), "--demo", "--streaming", "--runner", "flink",
+            f"--job_endpoint={job_endpoints['flink']}", "--model_per_process", "--model_watch",
+            str(models / "*.safetensors"), "--model_watch_interval", "1", "--model_watch_stop_seconds", "40"]
+    codes = []
+    job = threading.Thread(target=lambda: codes.append(main(argv)))
+    job.start()
+    _drop_after_first_report(out / "structured_reports", checkpoints["stricter"], models, job)
+    job.join()
+    assert codes == [0]
+    connection = connect(str(out))
+    detections = {row[0]: row[1:] for row in connection.execute(
+        "SELECT sop_instance_uid, model_version, covid_probability, boxes FROM detections").fetchall()}
+    rescored = connection.execute("SELECT sop_instance_uid, previous_model_version, previous_covid_probability, "
+                                  "previous_boxes, model_version FROM rescored").fetchall()
+    v1, stricter = read_model_info(WEIGHTS).version, read_model_info(checkpoints["stricter"]).version
+    assert len(detections) >= 2 and rescored, (detections, rescored)
+    for sop, *previous, version in rescored:  # each names the row the old model wrote
+        assert version == stricter and detections[sop] == tuple(previous) and previous[0] == v1
