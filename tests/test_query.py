@@ -42,7 +42,7 @@ def test_a_table_without_files_is_an_empty_view_with_the_tables_columns(tmp_path
     assert connection.execute("SELECT stage, sum(record_count) FROM dead_letters GROUP BY ALL").fetchall() == []
     assert connection.execute("SELECT count(*) FROM latest_patient_twin").fetchone() == (0,)
     assert table_counts(str(tmp_path)) == {"patient_twin": 0, "device_twin": 1, "detections": 0, "alerts": 0,
-                                           "dead_letters": 0}
+                                           "dead_letters": 0, "rescored": 0}
     summary = io.StringIO()
     print_summary(str(tmp_path), out=summary)
     assert "Dead letters by stage and reason" in summary.getvalue()
