@@ -100,3 +100,19 @@ def test_triage_matches_whichever_side_arrives_first():
                   } | TriageAlerts(CONFIG)
         assert_that(alerts | beam.Map(lambda a: a["alert_id"].split(":")[-1]), equal_to(["early", "later"]))
     assert dt.timedelta(seconds=CONFIG.triage_window_seconds) >= dt.timedelta(seconds=70)
+
+
+def test_the_triage_join_keeps_only_what_matching_and_the_alert_need():
+    """Its state holds each side for 24 h per patient: summaries, not whole twin or detection rows."""
+    from transforms.triage import _image_summary, _window_summary
+
+    from schemas import PATIENT_TWIN
+
+    window = {**{name: None for name in PATIENT_TWIN.names}, **patient_row(900, "medium", 5)}  # a whole row
+    image = detection(600, "pos")
+    kept_window, kept_image = _window_summary(window), _image_summary(image)
+    assert set(kept_window) == {"window_start", "window_end", "news2_score", "news2_band", "pane_timing"}
+    assert set(kept_image) == {"sop_instance_uid", "acquisition_time", "covid_probability", "box_count",
+                               "model_name", "model_version"}
+    assert len(kept_window) < len(window) / 3 and "boxes" not in kept_image
+    assert kept_image["box_count"] == len(image["boxes"])

@@ -127,8 +127,28 @@ class _FlagDeviceQualityFn(beam.DoFn):
                 else [UNKNOWN_DEVICE_STATE]}
 
 
+# What the triage join keeps of each side for its 24 hours: only what matching and the alert need.
+_WINDOW_FIELDS = ("window_start", "window_end", "news2_score", "news2_band", "pane_timing")
+
+
+def _window_summary(row: dict) -> dict:
+    """An elevated patient_twin row -> the fields the triage join keeps of it."""
+    return {name: row[name] for name in _WINDOW_FIELDS}
+
+
+def _image_summary(detection: dict) -> dict:
+    """A positive detections row -> the fields the triage join keeps of it (boxes as a count)."""
+    return {"sop_instance_uid": detection["sop_instance_uid"], "acquisition_time": detection["acquisition_time"],
+            "covid_probability": detection["covid_probability"], "box_count": len(detection["boxes"]),
+            "model_name": detection["model_name"], "model_version": detection["model_version"]}
+
+
 class _TriageFn(beam.DoFn):
-    """(patient_key, (kind, row)) -> one triage alert per positive image with elevated NEWS2 nearby."""
+    """(patient_key, (kind, summary)) -> one triage alert per positive image with elevated NEWS2 nearby.
+
+    Its state holds, per patient and for `MEMORY_SECONDS`, the summaries `_window_summary` and
+    `_image_summary` make, not whole rows.
+    """
 
     # {"elevated": {start_us: row}, "positive": {sop: detection}, "alerted": {sop: acquisition_us}}
     STATE = ReadModifyWriteStateSpec("state", PickleCoder())
@@ -171,7 +191,7 @@ class _TriageFn(beam.DoFn):
         onset = detection["acquisition_time"]
         evidence = {
             "sop_instance_uid": detection["sop_instance_uid"], "covid_probability": detection["covid_probability"],
-            "boxes": len(detection["boxes"]), "news2_score": window["news2_score"], "news2_band": window["news2_band"],
+            "boxes": detection["box_count"], "news2_score": window["news2_score"], "news2_band": window["news2_band"],
             "news2_window_start": window["window_start"], "pane_timing": window["pane_timing"],
             "model": f"{detection['model_name']}@{detection['model_version']}",
         }
@@ -217,10 +237,10 @@ class TriageAlerts(beam.PTransform):
         threshold = self._config.positive_probability
         positives = (inputs["detections"]
                      | "Positive" >> beam.Filter(lambda d: d["covid_probability"] >= threshold)
-                     | "ByPatient" >> beam.Map(lambda d: (d["patient_key"], (DETECTION, d))))
+                     | "ByPatient" >> beam.Map(lambda d: (d["patient_key"], (DETECTION, _image_summary(d)))))
         elevated = (inputs["patient_twin"]
                     | "Elevated" >> beam.Filter(lambda r: r["news2_band"] in ELEVATED_BANDS)
-                    | "PatientWindows" >> beam.Map(lambda r: (r["patient_key"], (PATIENT_WINDOW, r))))
+                    | "PatientWindows" >> beam.Map(lambda r: (r["patient_key"], (PATIENT_WINDOW, _window_summary(r)))))
         return (
             (positives, elevated)
             | "ImagesAndNews2" >> beam.Flatten()
