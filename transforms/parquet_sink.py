@@ -430,17 +430,17 @@ class _StageFiles(beam.PTransform):
 
     def expand(self, rows):
         table, config = self._table, self._config
-        days = rows | "Days" >> beam.Map(lambda row: partition_date(table, row))
-        shards = (days
+        dated = rows | "WithDay" >> beam.Map(lambda row: (partition_date(table, row), row))
+        shards = (dated
+                  | "Days" >> beam.Keys()
                   | "RowsPerDay" >> beam.combiners.Count.PerElement()
                   | "FilesPerDay" >> beam.MapTuple(lambda day, n: (day, shards_for(n, config.max_rows_per_file))))
 
-        def by_file(row, shards_of):
-            date = partition_date(table, row)
+        def by_file(date, row, shards_of=None):  # MapTuple wants a default for a side input
             return (date, _file_of(row, table, shards_of[date]), shards_of[date]), row
 
-        return (rows
-                | "ByDateAndFile" >> beam.Map(by_file, shards_of=beam.pvalue.AsDict(shards))
+        return (dated
+                | "ByDateAndFile" >> beam.MapTuple(by_file, shards_of=beam.pvalue.AsDict(shards))
                 | "GroupFiles" >> beam.GroupByKey()
                 | "WriteStaged" >> beam.ParDo(
                     _WriteStagedFileFn(table, config.output, config.job_id, config.fail_once_dir)))
