@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 
+from launch.runners import runner_args as launch_runner_args
 from pipelines.cli import main
 from pipelines.query import connect
 from transforms import features as F
@@ -25,11 +26,12 @@ from transforms.dead_letters import DEAD_LETTERS
 
 
 def runner_args(runner: str, endpoints: dict) -> list[str]:
-    """Beam flags for a job on `runner` through the session's job services (none for the DirectRunner)."""
+    """Beam flags for a job on `runner` through the session's job services (none for the DirectRunner),
+    as `medtwin run --runner` gives them."""
     if runner == "direct":
         return []
-    name = "PrismRunner" if runner == "prism" else "FlinkRunner"
-    return [f"--runner={name}", f"--job_endpoint={endpoints[runner]}", "--environment_type=LOOPBACK"]
+    endpoint = [f"--job_endpoint={endpoints[runner]}"]
+    return launch_runner_args(runner, endpoint) + endpoint
 
 
 @pytest.fixture(scope="session")

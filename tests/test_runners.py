@@ -129,3 +129,19 @@ def test_no_window_has_two_final_rows(matrix, runner):
             f"select {key}, window_start, count(*) from {table} where is_final group by all having count(*) > 1"
         ).fetchall()
         assert doubled == [], (table, doubled)
+
+
+@pytest.mark.parametrize("extra", ([], ["--job_endpoint=localhost:8073"]))
+def test_prism_jobs_run_without_runner_initiated_splits(extra):
+    """Prism 2.77 splits slow bundles of any stage, stateful ones included, and the split-off elements of
+    a key then read the key's state from before the bundle still running it (launch/runners.py): every
+    job medtwin sends to Prism, through its own binary or a job service, asks for no splits."""
+    from apache_beam.options.pipeline_options import DebugOptions, PipelineOptions
+
+    from launch.runners import runner_args
+
+    for runner in ("prism", "PrismRunner"):
+        options = PipelineOptions(runner_args(runner, extra) + extra)
+        assert "prism_disable_sdf_split" in options.view_as(DebugOptions).experiments, runner
+    flink = PipelineOptions(runner_args("flink", extra) + extra).view_as(DebugOptions).experiments or []
+    assert "prism_disable_sdf_split" not in flink
