@@ -54,6 +54,15 @@ def job_endpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prism_flags(job_endpoints) -> list[str]:
+    """Beam flags of a job on the session's Prism, as `medtwin run --runner prism` gives them."""
+    from launch.runners import runner_args
+
+    endpoint = [f"--job_endpoint={job_endpoints['prism']}"]
+    return runner_args("prism", endpoint) + endpoint
+
+
+@pytest.fixture(scope="session")
 def matrix(tmp_path_factory, job_endpoints):
     """The runner matrix (tests/runner_matrix.py): ``matrix[runner, mode]`` is that run's output folder."""
     return RunnerMatrix(tmp_path_factory.mktemp("matrix"), job_endpoints)

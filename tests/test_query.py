@@ -8,17 +8,8 @@ import pyarrow.parquet as pq
 
 from pipelines.query import connect, print_summary, table_counts
 from schemas import DEVICE_TWIN, OUTPUT_TABLES, PATIENT_TWIN, arrow_schema
-from schemas.contract import BOOL, FLOAT, INT, STRING, TIMESTAMP
-
-T0 = dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.timezone.utc)
-_PLACEHOLDERS = {STRING: "x", INT: 0, FLOAT: 0.0, BOOL: False, TIMESTAMP: T0}
-
-
-def _row(record, **values):
-    """A row of `record`: `values`, and None, [] or a placeholder for every other field."""
-    def default(field):
-        return [] if field.repeated else None if field.nullable else _PLACEHOLDERS[field.type]
-    return {field.name: values.get(field.name, default(field)) for field in record.fields}
+from twin_fixtures import T0
+from twin_fixtures import placeholder_row as _row
 
 
 def _write(root, record, rows, part):

@@ -41,8 +41,8 @@ def _write(out, options):
 
 
 @pytest.fixture(scope="module")
-def prism_options(job_endpoints):
-    return PipelineOptions(runner="PortableRunner", job_endpoint=job_endpoints["prism"], environment_type="LOOPBACK")
+def prism_options(prism_flags):
+    return PipelineOptions(prism_flags)
 
 
 def test_files_per_day_follow_the_days_size_and_hold_every_row_once(tmp_path, prism_options):

@@ -116,14 +116,13 @@ def test_files_that_cannot_be_split_are_read_whole_as_before(tmp_path):
     assert len(lost) == 1 and len(damaged_records) - 1 + lost[0].record_count == avro_claimed_records(damaged.read_bytes())
 
 
-def test_read_landed_files_on_prism_reads_every_record_once_in_ranges(tmp_path, job_endpoints):
+def test_read_landed_files_on_prism_reads_every_record_once_in_ranges(tmp_path, prism_flags):
     _landed(tmp_path, hour=5).write_bytes(_jsonl_bytes())
     _landed(tmp_path, hour=6, ext="avro").write_bytes(_avro_bytes(codec="deflate"))
     expected = sorted(r.source for path in sorted((tmp_path / "device_logs").rglob("*-0*.*"))
                       for r in _whole(path, tmp_path))
     out = tmp_path / "sources.txt"
-    options = PipelineOptions(runner="PortableRunner", job_endpoint=job_endpoints["prism"],
-                              environment_type="LOOPBACK")
+    options = PipelineOptions(prism_flags)
     with beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
              | ReadLandedFiles(str(tmp_path), "device_logs", split_bytes=512)

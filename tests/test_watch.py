@@ -27,10 +27,9 @@ def _append(record, path):
         out.write(json.dumps([record.source, record.payload.decode(), record.arrival_time.isoformat()]) + "\n")
 
 
-def _watch(root, out, seconds, job_endpoint):
+def _watch(root, out, seconds, prism_flags):
     """Runs the watch on Prism for `seconds` of wall clock; each record's (source, arrival) goes to `out`."""
-    options = PipelineOptions(runner="PortableRunner", job_endpoint=job_endpoint, environment_type="LOOPBACK",
-                              streaming=True)
+    options = PipelineOptions(prism_flags, streaming=True)
     with beam.Pipeline(options=options) as pipeline:
         (pipeline
          | WatchLandingDirectory(str(root), "wearables", interval_seconds=0.5, stop_timestamp=time.time() + seconds)
@@ -38,7 +37,7 @@ def _watch(root, out, seconds, job_endpoint):
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def test_a_file_written_in_two_halves_is_read_once_whole(tmp_path, job_endpoints):
+def test_a_file_written_in_two_halves_is_read_once_whole(tmp_path, prism_flags):
     day = tmp_path / "in" / "wearables" / "date=2026-03-02"
     day.mkdir(parents=True)
     landing = day / "wearables-06.jsonl"
@@ -56,7 +55,7 @@ def test_a_file_written_in_two_halves_is_read_once_whole(tmp_path, job_endpoints
     writer = threading.Thread(target=upload)
     writer.start()
     try:
-        records = _watch(tmp_path / "in", tmp_path / "out.txt", seconds=8, job_endpoint=job_endpoints["prism"])
+        records = _watch(tmp_path / "in", tmp_path / "out.txt", seconds=8, prism_flags=prism_flags)
     finally:
         writer.join()
     assert sorted(payload for _, payload, _ in records) == sorted(LINES)  # once each: no half read, no re-read

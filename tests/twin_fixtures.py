@@ -10,9 +10,18 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from schemas.contract import BOOL, FLOAT, INT, STRING, TIMESTAMP
 from transforms.decode import SampleChunk, to_micros
 
 T0 = dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.timezone.utc)
+_PLACEHOLDERS = {STRING: "x", INT: 0, FLOAT: 0.0, BOOL: False, TIMESTAMP: T0}
+
+
+def placeholder_row(record, **values) -> dict:
+    """A row of `record`: `values`, and None, [] or a placeholder for every other field."""
+    def default(field):
+        return [] if field.repeated else None if field.nullable else _PLACEHOLDERS[field.type]
+    return {field.name: values.get(field.name, default(field)) for field in record.fields}
 
 
 def at(seconds: float) -> dt.datetime:

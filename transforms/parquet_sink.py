@@ -33,7 +33,12 @@ job's. Before writing, a flush drops every row whose identity (`row_identity`: t
 natural key) the partition already holds, reading the identity columns of files it has not read
 yet, so a retried flush, or a second job over the same input (a restart that replays it),
 adds nothing that is already there, and removes nothing either. One streaming job writes an
-output at a time (two at once could both add a row neither had seen).
+output at a time (two at once could both add a row neither had seen). A twin's *final* row for a
+window the partition already holds as final is never written twice; if it stands for a different
+number of records than the row there (`FINAL_ROW_RECORDS`: e.g. a job after a drain saw samples of
+a window the drain had finalised early), it becomes a dead letter (stage ``sink_<table>``) that
+names both counts and the job that wrote the row kept, with this row's record count; the same
+final row again (a replay) is dropped silently, like every other row a partition holds already.
 
 Why this is hand-made rather than `fileio.WriteToFiles` / `WriteToParquet`: (1) their final
 rename does not create the ``date=`` folders (`fileio` makes only the root); (2) neither replaces
@@ -56,6 +61,7 @@ import ctypes
 import datetime as dt
 import hashlib
 import os
+import re
 import shutil
 import uuid
 import zlib
@@ -68,6 +74,7 @@ from apache_beam.transforms import window
 
 from schemas import OUTPUT_TABLES, RecordDef, arrow_schema
 from transforms import object_store
+from transforms.dead_letters import DEAD_LETTERS, dead_letter
 
 TEMPORARY = "_temporary"
 COMMIT_MARKER = "_committed_by"
@@ -81,6 +88,11 @@ ROW_IDENTITY = {
     "detections": ("sop_instance_uid",),
     "alerts": ("alert_id",),
 }
+# Tables with final rows, and the column saying how many input records a final row stands for.
+FINAL_ROW_RECORDS = {"patient_twin": "sample_count", "device_twin": "event_count"}
+SUBJECT_COLUMNS = {"patient_twin": "patient_key", "device_twin": "device_id"}
+# A streaming flush file's name: part-SSS-<job id>-<digest of its rows>.parquet.
+_FLUSH_NAME = re.compile(r"part-\d{3}-(?P<job>.+)-[0-9a-f]{16}\.parquet$")
 
 
 def partition_date(table: RecordDef, row: dict) -> str:
@@ -324,28 +336,35 @@ class _CommitPartitionsFn(beam.DoFn):
 # ------------------------------------------------------------------------------------------- streaming
 
 class _AppendFlushFn(_PartitionFileFn):
-    """((date, shard), rows) -> the path of the file written with the rows the partition lacks, if any."""
+    """((date, shard), rows) -> the path of the file written with the rows the partition lacks, if any;
+    tagged ``dead_letters``: second final rows that stand for other records than the partition's."""
 
     FAULT_STAGE = "flush"
 
     def setup(self):
         super().setup()
-        self._read = {}   # date -> paths whose identities are in self._known[date]
-        self._known = {}  # date -> identities the partition holds
+        self._read = {}   # date -> paths whose rows are in self._known[date]
+        self._known = {}  # date -> {identity: None, or for a final row (writer, record count)}
+        self._records = FINAL_ROW_RECORDS.get(self._table.name)
 
-    def _held(self, date: str) -> set:
-        """Identities of the rows in the partition's files, reading only files not read before."""
-        known, read = self._known.setdefault(date, set()), self._read.setdefault(date, set())
+    def _held(self, date: str) -> dict:
+        """Identities of the rows in the partition's files (with their writer and record count if
+        final), reading only files not read before."""
+        known, read = self._known.setdefault(date, {}), self._read.setdefault(date, set())
         pattern = FileSystems.join(partition_path(self._root, self._table.name, date), "*.parquet")
-        columns = list(identity_columns(self._table))
+        columns = list(dict.fromkeys([*identity_columns(self._table), *([self._records] if self._records else [])]))
         for metadata in FileSystems.match([pattern])[0].metadata_list:
             if metadata.path in read:
                 continue
             with FileSystems.open(metadata.path) as handle:
                 held = pq.read_table(handle, columns=columns).to_pylist()
-            known.update(row_identity(self._table, row) for row in held)
+            writer = _writer_of(metadata.path)
+            known.update((row_identity(self._table, row), self._final(row, writer)) for row in held)
             read.add(metadata.path)
         return known
+
+    def _final(self, row: dict, writer: str):
+        return (writer, row[self._records]) if self._records and row.get("is_final") else None
 
     def process(self, element):
         (date, shard), rows = element
@@ -353,7 +372,12 @@ class _AppendFlushFn(_PartitionFileFn):
         fresh = {}
         for row in rows:
             fresh.setdefault(row_identity(self._table, row), row)
-        rows = [row for identity, row in fresh.items() if identity not in known]
+        rows = []
+        for identity, row in fresh.items():
+            if identity not in known:
+                rows.append(row)
+            elif known[identity] is not None and known[identity][1] != row[self._records]:
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, self._second_final(row, *known[identity]))
         if rows:
             table = _sorted_table(self._table, rows, self._schema)
             final = FileSystems.join(partition_path(self._root, self._table.name, date),
@@ -362,11 +386,31 @@ class _AppendFlushFn(_PartitionFileFn):
                                     f"{uuid.uuid4().hex}.parquet")
             _write(table, staged)
             object_store.replace_file(staged, final)
-            known.update(fresh)
+            known.update((identity, self._final(row, self._job_id)) for identity, row in fresh.items()
+                         if identity not in known)
             self._read[date].add(final)
             beam.metrics.Metrics.counter("sink", f"{self._table.name}_rows").inc(len(rows))
             self._faults.check(f"{date}|{shard}|{final}")
             yield final
+
+    def _second_final(self, row: dict, writer: str, held_records: int) -> dict:
+        """The dead letter of a final row whose window the partition holds as final with other records."""
+        subject = SUBJECT_COLUMNS[self._table.name]
+        window = f"{row['window_start'].isoformat()}/{row['window_end'].isoformat()}"
+        return dead_letter(
+            f"sink_{self._table.name}",
+            f"window {window} of {subject} {row[subject]} is final already ({held_records} {self._records} in "
+            f"the {self._table.name} row written by {writer}); this final row of {row[self._records]} is not "
+            f"written: the window closed before these records were all seen",
+            {subject: row[subject], "window_start": row["window_start"].isoformat(),
+             self._records: row[self._records], f"final_{self._records}": held_records, "written_by": writer},
+            recorded_at=row["window_end"], event_time=row["window_start"], record_count=row[self._records])
+
+
+def _writer_of(path: str) -> str:
+    """Which job wrote a partition file: a streaming job (by its id), or a batch run."""
+    match = _FLUSH_NAME.search(os.path.basename(path))
+    return f"job {match.group('job')}" if match else "a batch run"
 
 
 def _digest(table: pa.Table) -> str:
@@ -387,8 +431,7 @@ class WriteParquetTables(beam.PTransform):
 
     def expand(self, tables: dict):
         if self._config.streaming:
-            return {name: rows | f"Append_{name}" >> _AppendFlushes(OUTPUT_TABLES[name], self._config)
-                    for name, rows in tables.items()}
+            return self._append(tables)
         config = self._config
         owned = set(config.owned_dates) if config.owned_dates else None
         staged, dates = [], []
@@ -413,6 +456,25 @@ class WriteParquetTables(beam.PTransform):
         return {name: committed | f"Committed_{name}" >> beam.FlatMap(
                     lambda item, n=name: [item[1]] if item[0] == n else [])
                 for name in tables}
+
+    def _append(self, tables: dict) -> dict:
+        """Streaming: each table's flushes; the dead letters of second final rows join ``dead_letters``."""
+        written, refused = {}, []
+        for name, rows in tables.items():
+            if name == DEAD_LETTERS:
+                continue
+            flushed = rows | f"Append_{name}" >> _AppendFlushes(OUTPUT_TABLES[name], self._config)
+            written[name] = flushed.paths
+            if name in FINAL_ROW_RECORDS:
+                refused.append(flushed[DEAD_LETTERS])
+        dead = ([tables[DEAD_LETTERS] | "DeadLettersGlobal" >> beam.WindowInto(window.GlobalWindows())]
+                if DEAD_LETTERS in tables else [])
+        if dead or refused:
+            pipeline = next(iter(tables.values())).pipeline
+            all_dead = [*dead, *refused] | "WithSecondFinalRows" >> beam.Flatten(pipeline=pipeline)
+            written[DEAD_LETTERS] = (all_dead | f"Append_{DEAD_LETTERS}"
+                                     >> _AppendFlushes(OUTPUT_TABLES[DEAD_LETTERS], self._config)).paths
+        return written
 
 
 class _StageFiles(beam.PTransform):
@@ -447,7 +509,8 @@ class _StageFiles(beam.PTransform):
 
 
 class _AppendFlushes(beam.PTransform):
-    """Streaming rows of one table -> paths of the flush files written (rows the partition lacked)."""
+    """Streaming rows of one table -> ``paths`` of the flush files written (rows the partition lacked),
+    and ``dead_letters`` (second final rows, see the module docstring)."""
 
     def __init__(self, table: RecordDef, config):
         super().__init__()
@@ -462,4 +525,5 @@ class _AppendFlushes(beam.PTransform):
                     (partition_date(table, row), _shard(row, table, config.shards)), row))
                 | "FlushEvery" >> beam.GroupIntoBatches(
                     config.flush_rows, max_buffering_duration_secs=config.flush_seconds)
-                | "AppendNew" >> beam.ParDo(_AppendFlushFn(table, config.output, config.job_id, config.fail_once_dir)))
+                | "AppendNew" >> beam.ParDo(_AppendFlushFn(table, config.output, config.job_id, config.fail_once_dir))
+                .with_outputs(DEAD_LETTERS, main="paths"))
