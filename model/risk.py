@@ -25,8 +25,16 @@ from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.coders import PickleCoder
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
-from apache_beam.transforms.userstate import BagStateSpec
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.decode import to_micros
+from transforms.panes import PendingWindows
+from transforms.windowing import WindowPolicy
 
 RISK_COLUMNS = {"patient": "deterioration_risk", "device": "failure_risk_model"}
 
@@ -214,36 +222,68 @@ ALERT_REFRACTORY_SECONDS = 3600
 
 class _RiskAlertsFn(beam.DoFn):
     """(subject id, scored final row) -> an alert when risk >= the model's threshold and the subject had no
-    alert in the refractory period before; the onsets raised are kept in state (a day of them)."""
+    alert in the refractory period before; the onsets raised are kept in state (a day of them).
 
+    Rows are judged in window order whatever order they arrive in (RunInference's batches and the
+    shuffle to this step reorder them): a row above the threshold is held until the watermark passes
+    the moment its twin finalised the window (`PendingWindows.expiry_us` of the twin's policy), by
+    which time every earlier final row of the subject has arrived, and the held rows are then taken
+    in window order.
+    """
+
+    HELD = BagStateSpec("held", PickleCoder())  # (release µs, window start, window end, risk, features version)
     ONSETS = BagStateSpec("onsets", beam.coders.FloatCoder())
+    RELEASE = TimerSpec("release", TimeDomain.WATERMARK)
 
-    def __init__(self, subject: str, threshold: float, model_version: str):
+    def __init__(self, subject: str, threshold: float, model_version: str, policy: WindowPolicy):
         self._subject, self._threshold, self._version = subject, threshold, model_version
+        self._windows = PendingWindows(policy)
 
-    def process(self, keyed, onsets=beam.DoFn.StateParam(ONSETS)):
-        subject_id, row = keyed
+    def process(self, keyed, held=beam.DoFn.StateParam(HELD), release=beam.DoFn.TimerParam(RELEASE)):
+        _, row = keyed
         risk = row.get(RISK_COLUMNS[self._subject])
         if risk is None or risk < self._threshold or not row.get("is_final"):
             return
-        onset = row["window_start"]
+        start_us = to_micros(row["window_start"])
+        held.add((self._windows.expiry_us(start_us), row["window_start"], row["window_end"], risk,
+                  row.get("features_version")))
+        release.set(Timestamp(micros=min(entry[0] for entry in held.read())))
+
+    @on_timer(RELEASE)
+    def on_release(self, subject_id=beam.DoFn.KeyParam, fired=beam.DoFn.TimestampParam,
+                   held=beam.DoFn.StateParam(HELD), onsets=beam.DoFn.StateParam(ONSETS),
+                   release=beam.DoFn.TimerParam(RELEASE)):
+        entries = list(held.read())
+        due = sorted((entry for entry in entries if entry[0] <= fired.micros), key=lambda entry: entry[1])
+        later = [entry for entry in entries if entry[0] > fired.micros]
+        held.clear()
+        for entry in later:
+            held.add(entry)
+        if later:
+            release.set(Timestamp(micros=min(entry[0] for entry in later)))
+        for _, onset, window_end, risk, features_version in due:
+            alert = self._alert(subject_id, onset, window_end, risk, features_version, onsets)
+            if alert is not None:
+                yield TimestampedValue(alert, fired)
+
+    def _alert(self, subject_id, onset, window_end, risk, features_version, onsets) -> dict | None:
         at = onset.timestamp()
         raised = list(onsets.read())
         if any(abs(at - t) < ALERT_REFRACTORY_SECONDS for t in raised):
-            return
+            return None
         onsets.clear()
         for t in [*(t for t in raised if at - t < 86400), at]:
             onsets.add(t)
         kind = ALERT_KINDS[self._subject]
         what = "deterioration" if self._subject == "patient" else "device failure"
-        yield {
+        return {
             "alert_id": f"{kind}:{subject_id}:{onset.isoformat()}",
             "kind": kind, "subject_type": self._subject, "subject_id": subject_id,
-            "severity": "warning", "onset_time": onset, "window_end": row["window_end"],
+            "severity": "warning", "onset_time": onset, "window_end": window_end,
             "message": f"learned {what} risk {risk:.2f} >= {self._threshold:.2f} (model {self._version})",
             "evidence": json.dumps({RISK_COLUMNS[self._subject]: risk, "threshold": self._threshold,
                                     "risk_model_version": self._version,
-                                    "features_version": row.get("features_version")}, sort_keys=True),
+                                    "features_version": features_version}, sort_keys=True),
         }
 
 
@@ -252,12 +292,13 @@ class LearnedEarlyWarning(beam.PTransform):
     risk_model_version on every row that could be featured, plus "alerts" and "dead_letters".
 
     features: a features artifact folder (transforms.features); models: {"patient"|"device": .safetensors}
-    (`read_models_folder` reads both from a `medtwin train-risk` folder).
+    (`read_models_folder` reads both from a `medtwin train-risk` folder); policies: {"patient"|"device":
+    the twin's WindowPolicy}, which says when each final row was emitted (alerts follow window order).
     """
 
-    def __init__(self, features: str, models: dict[str, str]):
+    def __init__(self, features: str, models: dict[str, str], policies: dict[str, WindowPolicy]):
         super().__init__()
-        self._features, self._models = features, dict(models)
+        self._features, self._models, self._policies = features, dict(models), dict(policies)
 
     def expand(self, tables):
         from transforms.dead_letters import DEAD_LETTERS
@@ -276,8 +317,8 @@ class LearnedEarlyWarning(beam.PTransform):
             alerts.append(scored
                           | f"Key_{subject}" >> beam.Map(lambda row, key=KEYS[subject]: (row[key], row))
                           | f"Global_{subject}" >> beam.WindowInto(beam.window.GlobalWindows())
-                          | f"Alerts_{subject}" >> beam.ParDo(_RiskAlertsFn(subject, metadata["threshold"],
-                                                                           metadata["model_version"])))
+                          | f"Alerts_{subject}" >> beam.ParDo(_RiskAlertsFn(
+                              subject, metadata["threshold"], metadata["model_version"], self._policies[subject])))
             dead.append(featured[DEAD_LETTERS])
         out["alerts"] = alerts
         out[DEAD_LETTERS] = dead

@@ -116,7 +116,13 @@ class JobConfig:
     def from_args(cls, args: argparse.Namespace) -> "JobConfig":
         streaming = bool(args.streaming)
         source_kind = args.source or ("replay" if streaming else "files")
-        test_clock = has_test_clock(getattr(args, "runner", None) or getattr(args, "engine", None))
+        runner = getattr(args, "runner", None) or getattr(args, "engine", None)
+        test_clock = has_test_clock(runner)
+        if (source_kind == "kafka" and runner_kind(runner) == "prism"
+                and not (args.kafka_read_to_end or args.kafka_max_read_seconds)):
+            raise ValueError("Prism cannot run an unbounded Kafka read: Beam's Kafka IO then requires stable input "
+                             "(beam:requirement:pardo:stable_input:v1), which Prism refuses; bound it with "
+                             "--kafka_read_to_end or --kafka_max_read_seconds, or run on Flink or Dataflow")
         patient_policy = WindowPolicy(
             window_seconds=args.window, allowed_lateness_seconds=args.allowed_lateness,
             early_firing_seconds=args.early_firing, streaming=streaming, tick_seconds=args.gate_tick,

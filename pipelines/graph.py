@@ -162,7 +162,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> dict:
     tables = {"patient_twin": patients["patient_twin"], "device_twin": devices["device_twin"]}
     if config.learned is not None:
         from model.risk import LearnedEarlyWarning
-        scored = tables | "LearnedEarlyWarning" >> LearnedEarlyWarning(config.learned.features, config.learned.models)
+        scored = tables | "LearnedEarlyWarning" >> LearnedEarlyWarning(
+            config.learned.features, config.learned.models,
+            policies={"patient": config.patient.policy, "device": config.device.policy})
         tables = {"patient_twin": scored["patient_twin"], "device_twin": scored["device_twin"]}
         alerts += scored["alerts"]
         dead_letters += scored[DEAD_LETTERS]

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import time
 
-import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.runners.runner import PipelineState
 
-from launch.runners import runner_args
-from pipelines.cli import build_parser, main
-from pipelines.config import JobConfig
-from pipelines.graph import build_pipeline
+from job_services import start_streaming_job, table_files
+from pipelines.cli import main
 from pipelines.query import connect
-from pipelines.run import pipeline_options
 
 TWINS = {"patient_twin": "patient_key", "device_twin": "device_id"}
 PANE_FIELDS = ("pane_index", "pane_timing", "date")
@@ -45,19 +41,6 @@ def _streaming_argv(hospital, job_endpoint):
             "--streaming", "--runner", "prism", f"--job_endpoint={job_endpoint}"]
 
 
-def _start(argv):
-    """Submits `medtwin run ARGV` to the job service and returns at once with its PipelineResult."""
-    args, beam_args = build_parser().parse_known_args(argv)
-    config = JobConfig.from_args(args)
-    pipeline = beam.Pipeline(options=pipeline_options(runner_args("prism", beam_args) + beam_args, streaming=True))
-    build_pipeline(pipeline, config)
-    return pipeline.run()
-
-
-def _table_files(out):
-    return [path for path in out.glob("*/date=*/*.parquet") if "_temporary" not in path.parts]
-
-
 def _final_rows(out, table):
     connection = connect(str(out))
     columns = [name for (name,) in connection.execute(f"select column_name from (describe {table})").fetchall()
@@ -73,18 +56,18 @@ def _doubled_windows(out, table):
 
 def test_a_cancelled_stream_run_again_ends_as_an_uninterrupted_run(hospital, job_endpoints):
     out = hospital / "out"
-    result = _start(_streaming_argv(hospital, job_endpoints["prism"]))
+    result = start_streaming_job(_streaming_argv(hospital, job_endpoints["prism"]))
     deadline = time.monotonic() + 300
-    while not _table_files(out) and time.monotonic() < deadline and not PipelineState.is_terminal(result.state):
+    while not table_files(out) and time.monotonic() < deadline and not PipelineState.is_terminal(result.state):
         time.sleep(0.5)
     assert not PipelineState.is_terminal(result.state), "the stream ended before anything was written"
-    assert _table_files(out), "nothing was flushed within 300 s"
+    assert table_files(out), "nothing was flushed within 300 s"
     result.cancel()
     with pytest.raises(RuntimeError, match="CANCELLED"):  # the portable runner raises for every end but DONE
         result.wait_until_finish()
     assert result.state == PipelineState.CANCELLED
 
-    left = _table_files(out)
+    left = table_files(out)
     assert all(pq.read_metadata(path).num_rows >= 0 for path in left)  # whole Parquet files only
     assert all(_doubled_windows(out, table) == 0 for table in TWINS)
     cut_short = len(_final_rows(out, "patient_twin")) < len(_final_rows(hospital / "batch", "patient_twin"))

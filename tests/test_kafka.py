@@ -11,16 +11,22 @@ What is checked:
     backlog read at once dead-letters nothing as too late (the watermark follows event time, not the
     wall clock, which would make every historical sample too late), every wearable sample is in a
     final row, a duplicate removed or a dead letter, the final rows equal a batch run's over the
-    same files, and the consumer group's committed offsets reach the end of every partition.
+    same files, and the consumer group's committed offsets reach the end of every partition;
+  * a job killed once its group has committed every offset, before every window is final, and
+    started again (replaying the topics under a new group, as a job whose state was not restored
+    must) ends with the batch run's final rows, none twice, and the samples still add up.
 """
 
 import datetime as dt
+import time
 
 import orjson
 import pytest
+from apache_beam.runners.runner import PipelineState
 from confluent_kafka import Consumer, TopicPartition
 
 import test_pipeline as accounting  # its counting helpers, as a module: none of its fixtures come along
+from job_services import start_streaming_job, table_files
 from launch.kafka.local import KafkaBroker, KafkaIOServices
 from pipelines.cli import main
 from pipelines.query import connect
@@ -127,18 +133,23 @@ def _committed_and_end(bootstrap, group, topics):
     return committed, end
 
 
+def _kafka_argv(kafka, prism, prefix, group, out, *extra):
+    """`medtwin run` reading the topics ``<prefix><stream>`` as consumer `group`, on the session's Prism."""
+    broker, kafka_io = kafka
+    topics = [flag for s in STREAMS for flag in (f"--kafka_{s}", f"{prefix}{s}")]
+    return ["run", "--streaming", "--source", "kafka", "--kafka_bootstrap", broker.bootstrap, *topics,
+            "--kafka_group", group, "--kafka_expansion_service", kafka_io.expansion_service,
+            "--runner", "prism", "--job_endpoint", prism, "--no_imaging", "--demo", "--output", str(out), *extra]
+
+
 @pytest.fixture(scope="module")
 def from_kafka(kafka, prism, hospital):
     """The pipeline's output folder after reading the published hospital from Kafka on Prism."""
-    broker, kafka_io = kafka
+    broker, _ = kafka
     assert main(["publish", "--input", str(hospital / "in"), "--kafka_bootstrap", broker.bootstrap,
                  "--topic_prefix", "p2-"]) == 0
     out = hospital / "from-kafka"
-    topics = [flag for s in STREAMS for flag in (f"--kafka_{s}", f"p2-{s}")]
-    assert main(["run", "--streaming", "--source", "kafka", "--kafka_bootstrap", broker.bootstrap, *topics,
-                 "--kafka_group", "medtwin-test", "--kafka_expansion_service", kafka_io.expansion_service,
-                 "--kafka_read_to_end", "--runner", "prism", "--job_endpoint", prism, "--no_imaging", "--demo",
-                 "--output", str(out)]) == 0
+    assert main(_kafka_argv(kafka, prism, "p2-", "medtwin-test", out, "--kafka_read_to_end")) == 0
     return out
 
 
@@ -184,6 +195,58 @@ def test_offsets_are_committed_to_the_consumer_group_up_to_the_end(kafka, from_k
         assert kafka_backlog(broker.bootstrap, topic, "medtwin-test") == 0
         assert kafka_backlog(broker.bootstrap, topic, "a-new-group") == sum(
             offset for (t, _), offset in end.items() if t == topic)
+
+
+def test_a_job_killed_mid_stream_and_started_again_loses_nothing_and_doubles_nothing(kafka, prism, hospital):
+    """The job is killed (cancelled) once its consumer group has committed every offset, before it has
+    finalised every window: a restart under the same group would read nothing, and the windows the
+    killed job held in memory would be lost (Prism keeps no state for it). Started again under a new
+    group it replays the topics from their earliest offset, rebuilds the twins' state exactly, and the
+    sink adds only what the killed job had not written: every final row equals the batch run's, none
+    twice, and samples in = counted + duplicates + dead letters."""
+    broker, _ = kafka
+    assert main(["publish", "--input", str(hospital / "in"), "--kafka_bootstrap", broker.bootstrap,
+                 "--topic_prefix", "p3-"]) == 0
+    topics = [f"p3-{stream}" for stream in STREAMS]
+    out = hospital / "killed"
+    # Bounded (--kafka_read_to_end) because Prism refuses the unbounded Kafka read (stable input).
+    result = start_streaming_job(_kafka_argv(kafka, prism, "p3-", "medtwin-killed", out, "--kafka_read_to_end"))
+    deadline = time.monotonic() + 300
+    while (any(kafka_backlog(broker.bootstrap, topic, "medtwin-killed") for topic in topics)
+           and time.monotonic() < deadline and not PipelineState.is_terminal(result.state)):
+        time.sleep(0.2)
+    assert not PipelineState.is_terminal(result.state), "the job ended before the kill"
+    result.cancel()
+    with pytest.raises(RuntimeError, match="CANCELLED"):
+        result.wait_until_finish()
+    batch = connect(str(hospital / "batch"))
+    expected = batch.execute("select count(*) from patient_twin where is_final").fetchone()[0]
+    killed = connect(str(out)).execute("select count(*) from patient_twin where is_final").fetchone()[0] \
+        if table_files(out) else 0
+    assert killed < expected, "the kill came after the last window was final"
+    assert all(kafka_backlog(broker.bootstrap, topic, "medtwin-killed") == 0 for topic in topics)
+
+    assert main(_kafka_argv(kafka, prism, "p3-", "medtwin-killed-restart", out, "--kafka_read_to_end")) == 0
+    stream = connect(str(out))
+    for table, key in (("patient_twin", "patient_key"), ("device_twin", "device_id")):
+        assert accounting._final_rows(stream, table, key, set()) == accounting._final_rows(batch, table, key, set())
+        doubled = stream.execute(f"select count(*) from (select {key}, window_start from {table} where is_final "
+                                 f"group by all having count(*) > 1)").fetchone()[0]
+        assert doubled == 0, table
+    records = landed_records(str(hospital / "in"), "wearables")
+    scalar = accounting._scalar
+    counted = scalar(stream, "select sum(sample_count) from patient_twin where is_final")
+    duplicates = scalar(stream, "select sum(duplicates_removed) from patient_twin where is_final")
+    dead = scalar(stream, "select sum(record_count) from dead_letters where stage in ('decode_wearables', "
+                          "'window_wearables', 'sink_patient_twin')")
+    assert sum(accounting._samples_in(r) for r in records) == counted + duplicates + dead
+
+
+def test_an_unbounded_kafka_read_on_prism_is_refused_at_launch(capsys, tmp_path):
+    argv = ["run", "--streaming", "--source", "kafka", "--kafka_bootstrap", "127.0.0.1:9", "--kafka_wearables", "w",
+            "--runner", "prism", "--demo", "--no_imaging", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert "Prism cannot run an unbounded Kafka read" in capsys.readouterr().err
 
 
 def test_flink_checkpointing_flags_reach_the_job_server():

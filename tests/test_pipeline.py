@@ -32,13 +32,16 @@ def hospital(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def streamed(hospital):
-    """The same landed files replayed as a stream: its output folder."""
+def streamed(hospital, job_endpoints):
+    """The same landed files replayed as a stream, on the session's Prism: its output folder.
+
+    (The DirectRunner's streaming replay of this hospital took 95-130 s of the suite; the runner
+    matrix, tests/test_runners.py, still runs the DirectRunner in streaming.)"""
     # One model per process: this process already ran the batch job, and acquiring its shared
-    # (MultiProcessShared) model again from the streaming DirectRunner's threads was seen to hang.
+    # (MultiProcessShared) model again from another job's threads was seen to hang.
     out = hospital / "out-streaming"
     assert main(["run", "--input", str(hospital / "in"), "--output", str(out), "--demo", "--streaming",
-                 "--model_per_process"]) == 0
+                 "--model_per_process", "--runner", "prism", f"--job_endpoint={job_endpoints['prism']}"]) == 0
     return out
 
 

@@ -9,6 +9,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from model import risk
+from transforms.windowing import WindowPolicy
 
 T0 = dt.datetime(2026, 3, 2, 6, tzinfo=dt.timezone.utc)
 
@@ -75,13 +76,15 @@ def test_a_model_trained_on_other_features_or_subject_is_refused(model_file):
         risk.ScoreRisk("device", path, "feat-test")
 
 
-def test_alerts_once_per_episode_at_the_threshold():
+@pytest.mark.parametrize("order", (1, -1))
+def test_alerts_once_per_episode_at_the_threshold_in_window_order(order):
     rows = [{**_row("p1", m), "deterioration_risk": r} for m, r in
             ((0, 0.2), (10, 0.9), (20, 0.95), (200, 0.8))] + [{**_row("p2", 5), "deterioration_risk": 0.49}]
     with beam.Pipeline() as pipeline:
-        alerts = (pipeline | beam.Create([(r["patient_key"], r) for r in rows])
-                  | beam.ParDo(risk._RiskAlertsFn("patient", 0.5, "risk-x")))
-        # p1: one alert for the episode at 10-20 min (whichever window came first), one at 200 min; p2 none.
-        assert_that(alerts | beam.Map(lambda a: (a["kind"], a["subject_id"], a["onset_time"] >= T0
-                                                 + dt.timedelta(minutes=100))),
-                    equal_to([("deterioration_risk", "p1", False), ("deterioration_risk", "p1", True)]))
+        alerts = (pipeline | beam.Create([(r["patient_key"], r) for r in rows[::order]], reshuffle=False)
+                  | beam.ParDo(risk._RiskAlertsFn("patient", 0.5, "risk-x", WindowPolicy())))
+        # p1: one alert for the episode at 10-20 min, at its first window whatever the arrival order, and
+        # one at 200 min; p2 none.
+        assert_that(alerts | beam.Map(lambda a: (a["kind"], a["subject_id"], a["onset_time"])),
+                    equal_to([("deterioration_risk", "p1", T0 + dt.timedelta(minutes=10)),
+                              ("deterioration_risk", "p1", T0 + dt.timedelta(minutes=200))]))
