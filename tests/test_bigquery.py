@@ -159,6 +159,29 @@ def test_a_retried_streaming_flush_appends_once(emulator_env):
     assert _select(dataset, "SELECT alert_id FROM {d}.alerts ORDER BY 1") == [("a0",), ("a1",), ("a2",), ("a7",)]
 
 
+def test_a_restarted_jobs_flushes_add_only_rows_the_table_lacks(emulator_env):
+    """A restarted streaming job groups its rows into other flushes (other ids than the ledger's): rows
+    whose identity the table holds on that day are not inserted again; a twin's final row is one per
+    window whatever its pane index, provisional rows one per pane."""
+    dataset = _dataset()
+    fn = bq._WriteGroupFn(OUTPUT_TABLES["patient_twin"], f"{PROJECT}:{dataset}", replace_days=False)
+    fn.setup()
+    day = T0.date().isoformat()
+    start = T0 + dt.timedelta(minutes=1)
+
+    def pane(key, index, final, samples=12):
+        return _row("patient_twin", 1, patient_key=key, window_start=start, pane_index=index, is_final=final,
+                    sample_count=samples)
+
+    assert list(fn.process((day, [pane("K1", 0, False), pane("K1", 2, True)]))) == []
+    # The restarted job: the same provisional row, the same window final at another pane index, a new key.
+    assert list(fn.process((day, [pane("K1", 0, False), pane("K1", 3, True), pane("K1", 1, False),
+                                  pane("K2", 2, True, samples=9)]))) == []
+    assert _select(dataset, "SELECT patient_key, pane_index, is_final, sample_count FROM {d}.patient_twin "
+                            "ORDER BY 1, 2") == [("K1", 0, False, 12), ("K1", 1, False, 12), ("K1", 2, True, 12),
+                                                 ("K2", 2, True, 9)]
+
+
 # ---------------------------------------------------------------- medtwin run against the emulator
 
 
@@ -207,9 +230,13 @@ def rerun(runs, hospital):
 
 
 @pytest.fixture(scope="session")
-def streaming_run(runs, hospital):
+def streaming_run(runs, hospital, job_endpoints):
+    """The hospital streamed to the dataset ``streaming`` on the session's Prism, twice: the second
+    job is a restart replaying the same input into the same tables."""
     # 15-minute replay steps: the same panes' finals in a quarter of the steps
-    _run(hospital, "--streaming", "--replay_step", "900", "--bigquery_dataset", f"{PROJECT}:streaming")
+    for _ in range(2):
+        _run(hospital, "--streaming", "--replay_step", "900", "--bigquery_dataset", f"{PROJECT}:streaming",
+             "--runner", "prism", f"--job_endpoint={job_endpoints['prism']}")
     return runs
 
 
@@ -273,15 +300,21 @@ def test_medtwin_run_twice_gives_the_same_tables(rerun):
 
 
 def test_streaming_run_writes_every_table(streaming_run):
-    """The streaming path (rows encoded, flushed, appended once) holds every final row batch holds."""
+    """The streaming path (rows encoded, flushed, appended once) holds every final row batch holds,
+    once although the job ran twice."""
     for name, key in (("patient_twin", "patient_key"), ("device_twin", "device_id")):
         final = f"SELECT * EXCEPT (pane_index, pane_timing) FROM {{d}}.{name} WHERE is_final"
         assert _select("streaming", f"SELECT count(*) FROM ({final})") == _select(
             "batch", f"SELECT count(*) FROM ({final})")
         assert _select("streaming", f"SELECT count(*) FROM {{d}}.latest_{name}") == _select(
             "batch", f"SELECT count(*) FROM {{d}}.latest_{name}"), name
-    for name in ("detections", "dead_letters"):
-        assert _select("streaming", f"SELECT count(*) FROM {{d}}.{name}")[0][0] > 0, name
+        doubled = (f"SELECT {key}, window_start, pane_index FROM {{d}}.{name} WHERE NOT is_final "
+                   f"GROUP BY 1, 2, 3 HAVING count(*) > 1")
+        assert _select("streaming", f"SELECT count(*) FROM ({doubled})") == [(0,)], name
+    assert _select("streaming", "SELECT count(*) FROM {d}.detections") == _select(
+        "batch", "SELECT count(*) FROM {d}.detections")
+    assert _select("streaming", "SELECT count(*) - count(DISTINCT alert_id) FROM {d}.alerts") == [(0,)]
+    assert _select("streaming", "SELECT count(*) FROM {d}.dead_letters")[0][0] > 0
     for name in JOB_TABLES:
         record = OUTPUT_TABLES[name]
         table = _client().get_table(f"{PROJECT}.streaming.{name}")

@@ -20,7 +20,10 @@ Writes go through a staging table per group of rows, filled by a load job
 * **streaming** flushes with `GroupIntoBatches` (``flush_rows`` /
   ``flush_seconds``, as the Parquet sink) and appends each flush *once*: the
   flush's id (a digest of its rows) is recorded in the ``_medtwin_loads`` ledger
-  in the same transaction as the insert, so a retried flush inserts nothing.
+  in the same transaction as the insert, so a retried flush inserts nothing; and
+  for tables with a natural key (the twins, detections, alerts) only rows whose
+  identity the table lacks that day are inserted, so a restarted job, which groups
+  its flushes anew, doubles nothing either.
 
 A load job that BigQuery refuses because of its rows is split in halves and
 retried until each refused row is alone; that row becomes a dead letter with the
@@ -59,6 +62,7 @@ from apache_beam.transforms import window
 
 from schemas import OUTPUT_TABLES, RecordDef, bigquery_schema, to_json
 from transforms.dead_letters import DEAD_LETTERS, allowed_payload, dead_letter
+from transforms.parquet_sink import ROW_IDENTITY
 
 LOG = logging.getLogger(__name__)
 STAGE = "write_bigquery"
@@ -217,13 +221,30 @@ class BigQueryTableWriter:
             f"AND `{field}` < TIMESTAMP_ADD(TIMESTAMP '{day} 00:00:00+00', INTERVAL 1 DAY);\n" + insert)
 
     def append_once(self, load_id: str, staging: str) -> None:
-        """Appends the staging table's rows unless the ledger already holds `load_id`, and records it."""
+        """Appends the staging table's rows unless the ledger already holds `load_id`, and records it.
+
+        Tables with a natural key (`parquet_sink.ROW_IDENTITY`: the twins, detections, alerts) get only
+        the rows whose identity the table lacks on that day, so a restarted job, whose flushes group
+        rows anew, adds nothing already there (a twin's final row once per window, whatever its pane).
+        """
         not_loaded = f"NOT EXISTS (SELECT 1 FROM `{self._id(LEDGER)}` WHERE load_id = '{load_id}')"
+        selected = ", ".join(f"s.`{name}`" for name in self._record.names)
         self._script(
             f"INSERT INTO `{self._id(self._record.name)}` ({self._columns}) "
-            f"SELECT {self._columns} FROM `{self._id(staging)}` WHERE {not_loaded};\n"
+            f"SELECT {selected} FROM `{self._id(staging)}` AS s WHERE {not_loaded}{self._not_held()};\n"
             f"INSERT INTO `{self._id(LEDGER)}` (load_id, table_name, loaded_at) "
             f"SELECT '{load_id}', '{self._record.name}', CURRENT_TIMESTAMP() FROM (SELECT 1) WHERE {not_loaded};\n")
+
+    def _not_held(self) -> str:
+        """`` AND NOT EXISTS (...)``: the staging row ``s`` has no row of the same identity in the table."""
+        columns = ROW_IDENTITY.get(self._record.name)
+        if columns is None:
+            return ""
+        field = self._record.partition_field
+        same = [f"DATE(t.`{field}`) = DATE(s.`{field}`)"] + [
+            "(s.`is_final` OR t.`pane_index` = s.`pane_index`)" if name == "pane_index" and "is_final" in columns
+            else f"t.`{name}` = s.`{name}`" for name in columns]
+        return f" AND NOT EXISTS (SELECT 1 FROM `{self._id(self._record.name)}` AS t WHERE {' AND '.join(same)})"
 
     def _script(self, statements: str) -> None:
         self._client.query(f"BEGIN TRANSACTION;\n{statements}COMMIT TRANSACTION;").result()
