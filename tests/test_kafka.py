@@ -157,12 +157,8 @@ def test_a_kafka_backlog_read_at_once_loses_nothing_and_dead_letters_nothing_as_
     records = landed_records(str(hospital / "in"), "wearables")
     samples_in = sum(accounting._samples_in(r) for r in records)
     connection = connect(str(from_kafka))
-    scalar = accounting._scalar
-    counted = scalar(connection, "select sum(sample_count) from patient_twin where is_final")
-    duplicates = scalar(connection, "select sum(duplicates_removed) from patient_twin where is_final")
-    dead = scalar(connection, "select sum(record_count) from dead_letters "
-                              "where stage in ('decode_wearables', 'window_wearables')")
-    too_late = scalar(connection, "select coalesce(sum(record_count), 0) from dead_letters "
+    counted, duplicates, dead = accounting._wearable_counts(connection)
+    too_late = accounting._scalar(connection, "select coalesce(sum(record_count), 0) from dead_letters "
                                   "where stage in ('window_wearables', 'window_device_logs')")
     assert too_late == 0  # the wall-clock watermark dead-lettered 6,651 of 6,699 samples here
     assert dead > 0  # the simulator's damaged records, each a dead letter
@@ -230,15 +226,10 @@ def test_a_job_killed_mid_stream_and_started_again_loses_nothing_and_doubles_not
     stream = connect(str(out))
     for table, key in (("patient_twin", "patient_key"), ("device_twin", "device_id")):
         assert accounting._final_rows(stream, table, key, set()) == accounting._final_rows(batch, table, key, set())
-        doubled = stream.execute(f"select count(*) from (select {key}, window_start from {table} where is_final "
-                                 f"group by all having count(*) > 1)").fetchone()[0]
-        assert doubled == 0, table
+        assert accounting._doubled_final_windows(stream, table, key) == 0, table
     records = landed_records(str(hospital / "in"), "wearables")
-    scalar = accounting._scalar
-    counted = scalar(stream, "select sum(sample_count) from patient_twin where is_final")
-    duplicates = scalar(stream, "select sum(duplicates_removed) from patient_twin where is_final")
-    dead = scalar(stream, "select sum(record_count) from dead_letters where stage in ('decode_wearables', "
-                          "'window_wearables', 'sink_patient_twin')")
+    counted, duplicates, dead = accounting._wearable_counts(
+        stream, (*accounting.WEARABLE_DEAD_LETTER_STAGES, "sink_patient_twin"))
     assert sum(accounting._samples_in(r) for r in records) == counted + duplicates + dead
 
 

@@ -66,6 +66,23 @@ def _scalar(connection, sql):
     return connection.execute(sql).fetchone()[0]
 
 
+WEARABLE_DEAD_LETTER_STAGES = ("decode_wearables", "window_wearables")
+
+
+def _wearable_counts(connection, stages=WEARABLE_DEAD_LETTER_STAGES) -> tuple[int, int, int]:
+    """(samples in final patient_twin rows, duplicates they removed, samples dead-lettered at `stages`)."""
+    stage_list = ", ".join(f"'{stage}'" for stage in stages)
+    return (_scalar(connection, "select sum(sample_count) from patient_twin where is_final"),
+            _scalar(connection, "select sum(duplicates_removed) from patient_twin where is_final"),
+            _scalar(connection, f"select coalesce(sum(record_count), 0) from dead_letters where stage in ({stage_list})"))
+
+
+def _doubled_final_windows(connection, table: str, key: str) -> int:
+    """How many (subject, window) of `table` have more than one final row."""
+    return _scalar(connection, f"select count(*) from (select {key}, window_start from {table} where is_final "
+                               f"group by all having count(*) > 1)")
+
+
 def _distinct_valid_samples(records) -> set:
     """(wearable, event time) of every sample a correct decoder keeps, worked out independently of
     it: valid upload header, valid sample, one per wearable and time."""
@@ -92,10 +109,7 @@ def test_every_wearable_sample_is_counted_removed_as_duplicate_or_dead_lettered(
     records = landed_records(str(hospital / "in"), "wearables")
     samples_in = sum(_samples_in(r) for r in records)
     connection = connect(str(hospital / "out" if mode == "batch" else streamed))
-    counted = _scalar(connection, "select sum(sample_count) from patient_twin where is_final")
-    duplicates = _scalar(connection, "select sum(duplicates_removed) from patient_twin where is_final")
-    dead = _scalar(connection, "select sum(record_count) from dead_letters "
-                               "where stage in ('decode_wearables', 'window_wearables')")
+    counted, duplicates, dead = _wearable_counts(connection)
     too_late = _scalar(connection, "select coalesce(sum(record_count), 0) from dead_letters "
                                    "where stage = 'window_wearables'")
     assert dead > 0 and duplicates > 0

@@ -75,11 +75,7 @@ def test_both_patients_keep_the_samples_and_the_accounting_holds(hospital, outpu
     root, upload, other = hospital
     records = landed_records(str(root), "wearables")
     connection = connect(str(outputs[run]))
-    scalar = accounting._scalar
-    counted = scalar(connection, "select sum(sample_count) from patient_twin where is_final")
-    duplicates = scalar(connection, "select sum(duplicates_removed) from patient_twin where is_final")
-    dead = scalar(connection, "select coalesce(sum(record_count), 0) from dead_letters "
-                              "where stage in ('decode_wearables', 'window_wearables')")
+    counted, duplicates, dead = accounting._wearable_counts(connection)
     assert sum(accounting._samples_in(r) for r in records) == counted + duplicates + dead
     # Per patient the copy is new data, not a duplicate: counted once more than (wearable, time) pairs.
     assert counted == len(accounting._distinct_valid_samples(records)) + len(upload["samples"])

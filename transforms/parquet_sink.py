@@ -89,8 +89,8 @@ ROW_IDENTITY = {
     "alerts": ("alert_id",),
 }
 # Tables with final rows, and the column saying how many input records a final row stands for.
+# Their identity starts with the subject (patient_key, device_id).
 FINAL_ROW_RECORDS = {"patient_twin": "sample_count", "device_twin": "event_count"}
-SUBJECT_COLUMNS = {"patient_twin": "patient_key", "device_twin": "device_id"}
 # A streaming flush file's name: part-SSS-<job id>-<digest of its rows>.parquet.
 _FLUSH_NAME = re.compile(r"part-\d{3}-(?P<job>.+)-[0-9a-f]{16}\.parquet$")
 
@@ -395,7 +395,7 @@ class _AppendFlushFn(_PartitionFileFn):
 
     def _second_final(self, row: dict, writer: str, held_records: int) -> dict:
         """The dead letter of a final row whose window the partition holds as final with other records."""
-        subject = SUBJECT_COLUMNS[self._table.name]
+        subject = identity_columns(self._table)[0]
         window = f"{row['window_start'].isoformat()}/{row['window_end'].isoformat()}"
         return dead_letter(
             f"sink_{self._table.name}",
